@@ -1,0 +1,121 @@
+"""Run one engine (the simulator or ``vllm serve``) as a child process of a Ray actor.
+
+The actor is the engine's handle in Ray: it reserves the GPUs, builds the command line from
+``EngineConfig``, waits for ``/health``, registers the endpoint and takes it down again.
+The engine itself stays an ordinary HTTP server process, exactly as vLLM ships it, so the
+simulator and the real engine are started, probed and stopped by the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import ray
+
+from engines.config import EngineConfig, EngineKind
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+START_TIMEOUT_S = {"sim": 60.0, "vllm": 1800.0}  # vLLM may download and compile for many minutes
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the actor dies (even by SIGKILL), so does the engine."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def log_dir() -> Path:
+    path = Path(tempfile.gettempdir()) / "rayfleet" / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class EngineProcess:
+    """One engine process: start, wait until healthy, stop. Not a Ray actor by itself.
+
+    ``EngineActor`` wraps it for Ray; tests and benchmarks use it directly when they need
+    an engine without a cluster.
+    """
+
+    def __init__(self, name: str, config: EngineConfig, kind: EngineKind = "sim") -> None:
+        if config.port == 0:
+            config = config.model_copy(update={"port": free_port(config.host)})
+        self.name = name
+        self.config = config
+        self.kind = kind
+        self.process: subprocess.Popen | None = None
+        self.log_path = log_dir() / f"{name}.log"
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return f"http://{host}:{self.config.port}"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def start(self) -> None:
+        """Start the process and return once ``/health`` answers 200."""
+        if self.alive():
+            return
+        command = self.config.command(self.kind)
+        logger.info("starting engine %s: %s", self.name, " ".join(command))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,
+                env=os.environ.copy(),
+            )
+        await self._wait_healthy(START_TIMEOUT_S[self.kind])
+
+    async def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+            while True:
+                if not self.alive():
+                    raise RuntimeError(f"engine {self.name} exited with {self.process.returncode}; log: {self.log_path}")
+                try:
+                    async with session.get(f"{self.url}/health") as response:
+                        if response.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"engine {self.name} not healthy after {timeout_s:.0f}s; log: {self.log_path}")
+                await asyncio.sleep(0.1)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``: the engine gets a chance to finish cleanly."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

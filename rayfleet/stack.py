@@ -1,0 +1,281 @@
+"""The local stack behind ``rayfleet up``, ``down`` and ``status``.
+
+``up`` starts (or joins) Ray with the Serve settings the gateway needs, deploys the same
+application a Serve config file would, waits for the engines, prints where everything
+runs and stays in the foreground. A small state file lets ``down`` and ``status`` find it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+APP_NAME = "rayfleet"
+
+# Serve settings the gateway depends on (measurements.md §2): the HAProxy ingress does not
+# collapse at 64 clients where the Python proxy does, and the throughput-optimised mode runs
+# user code on the replica's main loop, without a thread hop per request.
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+}
+
+
+class StackState(BaseModel):
+    """What ``rayfleet up`` leaves in the state file for ``down`` and ``status``."""
+
+    pid: int
+    ray_address: str
+    gateway_url: str
+    dashboard_url: str | None = None
+    started_ray: bool
+
+
+def state_path() -> Path:
+    return Path(os.environ.get("RAYFLEET_HOME", Path.home() / ".rayfleet")) / "up.json"
+
+
+def read_state() -> StackState | None:
+    try:
+        return StackState.model_validate_json(state_path().read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class UsageError(Exception):
+    """A problem the user can fix; the CLI prints it as one line and exits 2."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class UpOptions:
+    engines: int = 2
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    gpu: str = "h100"
+    port: int = 8000
+    host: str = "127.0.0.1"
+    address: str | None = None
+    engine: str = "sim"
+    time_scale: float = 1.0
+    strategy: str = "least-request"
+    config_file: str | None = None
+    ready_timeout_s: float = 120.0
+
+
+def build_config(options: UpOptions) -> dict:
+    """The application config for these flags, or the file's when ``--config`` is given."""
+    from pydantic import ValidationError
+
+    from serve_apps.config import AppConfig
+
+    if options.config_file:
+        try:
+            import yaml  # shipped with ray
+
+            raw = yaml.safe_load(Path(options.config_file).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"config file {options.config_file} not found: pass --config PATH to an existing file")
+        raw = raw.get("args", raw) if isinstance(raw, dict) else raw
+    else:
+        raw = {
+            "gateway": {"default_strategy": options.strategy},
+            "models": [
+                {
+                    "name": options.model,
+                    "pool": {
+                        "replicas": options.engines,
+                        "engine": options.engine,
+                        "engine_config": {"model": options.model, "sim": {"gpu": options.gpu, "time_scale": options.time_scale}},
+                    },
+                }
+            ],
+        }
+    try:
+        return AppConfig.model_validate(raw).model_dump(mode="json")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise UsageError(f"invalid configuration at {where}: {first['msg']}") from None
+
+
+def up(options: UpOptions) -> int:
+    """Start the stack and block until Ctrl-C, SIGTERM or ``rayfleet down``."""
+    existing = read_state()
+    if existing and pid_alive(existing.pid):
+        raise UsageError(f"rayfleet is already up (pid {existing.pid}, {existing.gateway_url}): run `rayfleet down` first")
+    if port_in_use(options.host, options.port):
+        raise UsageError(f"port {options.port} is in use: pass --port N or stop whatever holds it")
+    if options.engine == "vllm" and not _vllm_installed():
+        raise UsageError("--engine vllm needs vLLM on this machine: pip install 'rayfleet[vllm]' (GPU nodes only)")
+    config = build_config(options)
+
+    import ray
+    from ray import serve
+
+    from serve_apps.app import build_app
+    from serve_apps.registry import NAMESPACE
+
+    os.environ.update(SERVE_ENV)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    context = ray.init(address=options.address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+    started_ray = options.address is None
+    try:
+        serve.start(http_options={"host": options.host, "port": options.port})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        gateway_url = f"http://{options.host}:{options.port}"
+        dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else None
+        state = StackState(
+            pid=os.getpid(), ray_address=context.address_info["address"], gateway_url=gateway_url,
+            dashboard_url=dashboard, started_ray=started_ray,
+        )  # fmt: skip
+        state_path().parent.mkdir(parents=True, exist_ok=True)
+        state_path().write_text(state.model_dump_json())
+        endpoints = _wait_for_engines(config, options.ready_timeout_s, stop)
+        _print_summary(state, endpoints)
+        while not stop.wait(0.5):
+            pass
+        print("rayfleet: shutting down ...", file=sys.stderr, flush=True)
+    finally:
+        _teardown(started_ray)
+    return 0
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _wait_for_engines(config: dict, timeout_s: float, stop: threading.Event) -> list:
+    """Poll the registry until every pooled engine is ready (or the timeout: then say which are not)."""
+    import ray
+
+    from serve_apps.registry import get_registry
+
+    expected = sum(m["pool"]["replicas"] for m in config["models"] if m.get("pool"))
+    deadline = time.monotonic() + timeout_s
+    registry = get_registry()
+    endpoints: list = []
+    while not stop.is_set():
+        endpoints = ray.get(registry.snapshot.remote()).endpoints
+        if sum(e.ready for e in endpoints if e.source == "pool") >= expected:
+            return endpoints
+        if time.monotonic() > deadline:
+            print(f"rayfleet: warning: only {sum(e.ready for e in endpoints)} of {expected} engines ready after "
+                  f"{timeout_s:.0f}s; see logs under /tmp/rayfleet/logs", file=sys.stderr)  # fmt: skip
+            return endpoints
+        time.sleep(0.2)
+    return endpoints
+
+
+def _print_summary(state: StackState, endpoints: list) -> None:
+    lines = [f"rayfleet is up (pid {state.pid})", f"  gateway    {state.gateway_url}  (OpenAI API: {state.gateway_url}/v1)"]
+    if state.dashboard_url:
+        lines.append(f"  dashboard  {state.dashboard_url}")
+    lines.append(f"  ray        {state.ray_address}")
+    for e in sorted(endpoints, key=lambda e: e.name):
+        lines.append(f"  engine     {e.name:<28} {e.url:<24} model={e.model} ready={str(e.ready).lower()}")
+    lines.append("Press Ctrl-C or run `rayfleet down` to stop.")
+    print("\n".join(lines), flush=True)
+
+
+def _teardown(started_ray: bool) -> None:
+    """Delete the app (its engine manager stops the engines), the registry, then Ray if ours."""
+    import ray
+    from ray import serve
+
+    from serve_apps.registry import get_registry
+
+    try:
+        serve.delete(APP_NAME)
+        ray.kill(get_registry(create=False))
+    except Exception as exc:  # already gone, or Ray itself is going down
+        print(f"rayfleet: cleanup: {exc}", file=sys.stderr)
+    if started_ray:
+        serve.shutdown()
+    ray.shutdown()
+    state = read_state()
+    if state and state.pid == os.getpid():
+        state_path().unlink(missing_ok=True)
+
+
+def down(timeout_s: float = 90.0) -> int:
+    """Signal the running ``rayfleet up`` and wait until it has cleaned up."""
+    state = read_state()
+    if state is None or not pid_alive(state.pid):
+        state_path().unlink(missing_ok=True)
+        print("rayfleet is not running")
+        return 0
+    os.kill(state.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(state.pid):
+        if time.monotonic() > deadline:
+            raise UsageError(f"rayfleet (pid {state.pid}) did not stop in {timeout_s:.0f}s: kill it and run `ray stop`")
+        time.sleep(0.2)
+    print(f"rayfleet stopped (pid {state.pid})")
+    return 0
+
+
+def status() -> dict:
+    """Models, their endpoints and the gateway address, read live from the registry."""
+    state = read_state()
+    if state is None or not pid_alive(state.pid):
+        raise UsageError("rayfleet is not running: start it with `rayfleet up`")
+    import ray
+
+    from serve_apps.registry import NAMESPACE, get_registry
+
+    ray.init(address=state.ray_address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    try:
+        snapshot = ray.get(get_registry(create=False).snapshot.remote())
+    finally:
+        ray.shutdown()
+    models: dict[str, list[dict]] = {}
+    for e in sorted(snapshot.endpoints, key=lambda e: e.name):
+        for name in e.served_names():
+            models.setdefault(name, []).append({"name": e.name, "url": e.url, "ready": e.ready})
+    return {
+        "gateway": state.gateway_url,
+        "dashboard": state.dashboard_url,
+        "ray_address": state.ray_address,
+        "models": [{"name": name, "endpoints": eps} for name, eps in sorted(models.items())],
+    }
+
+
+def format_status(info: dict) -> str:
+    lines = [f"gateway  {info['gateway']}"]
+    for model in info["models"]:
+        ready = sum(e["ready"] for e in model["endpoints"])
+        lines.append(f"model    {model['name']}  ({ready}/{len(model['endpoints'])} ready)")
+        lines.extend(f"  {e['name']:<28} {e['url']:<24} ready={str(e['ready']).lower()}" for e in model["endpoints"])
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""The rayfleet Serve application: a gateway ingress plus the engine manager.
+
+``build_app`` is the import path for ``serve run`` / ``serve deploy`` (see
+``serve_apps/serve_config.yaml``); ``rayfleet up`` calls it with embedded defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_apps.config import AppConfig
+from serve_apps.engine_pool import EngineManager
+from serve_apps.gateway import GatewayApp
+from serve_apps.metrics import GatewayMetrics
+from serve_apps.registry import get_registry
+from serve_apps.view import EndpointView
+
+IN_FLIGHT_PUBLISH_S = 1.0
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    logging_config={"enable_access_log": False},
+)
+@serve.ingress()
+class Gateway:
+    """One gateway replica: the ASGI app plus its background registry follower."""
+
+    async def __init__(self, config: dict, engine_manager: DeploymentHandle | None = None) -> None:
+        self._tasks: list[asyncio.Task] = []
+        self.config = AppConfig.model_validate(config)
+        # Bound into the ingress so Serve deploys the manager with the application; it is
+        # never called on a request's path.
+        self.engine_manager = engine_manager
+        self.view = EndpointView()
+        self.metrics = GatewayMetrics()
+        self.gateway_app = GatewayApp(self.config, self.view, self.metrics)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.view.follow(get_registry)), loop.create_task(self._publish_in_flight())]
+
+    def __serve_build_asgi_app__(self) -> GatewayApp:
+        return self.gateway_app
+
+    async def _publish_in_flight(self) -> None:
+        while True:
+            await asyncio.sleep(IN_FLIGHT_PUBLISH_S)
+            self.metrics.publish_in_flight({e.name: e.in_flight for e in self.view.endpoints()})
+
+    async def __del__(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.gateway_app.close()
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """Build the application from a config dict (the ``args`` of a Serve config file)."""
+    try:
+        config = AppConfig.model_validate(args or {})
+    except ValidationError as exc:
+        raise ValueError(f"invalid rayfleet application config: {exc}") from None
+    gateway = Gateway.options(
+        num_replicas=config.gateway.num_replicas, max_ongoing_requests=config.gateway.max_ongoing_requests
+    )
+    payload = config.model_dump(mode="json")
+    return gateway.bind(payload, EngineManager.bind(payload))

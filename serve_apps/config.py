@@ -1,0 +1,97 @@
+"""Configuration of the rayfleet Serve application: the gateway and the engine pools.
+
+One pydantic model, used three ways: ``rayfleet up`` fills it from its flags, a Serve
+config file passes it as the application's ``args`` (``serve deploy``), and tests build it
+directly. Validation errors therefore read the same everywhere.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engines.config import EngineConfig, EngineKind
+from serve_apps.routing import strategy_names
+
+
+class PoolConfig(BaseModel):
+    """A set of identical engines serving one model, started as Ray actors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=0)
+    engine: EngineKind = "sim"
+    engine_config: EngineConfig = Field(default_factory=EngineConfig)
+    num_gpus_per_engine: float = Field(0.0, ge=0.0, description="Ray GPUs reserved per engine actor (vLLM: the TP size)")
+
+
+class ModelConfig(BaseModel):
+    """Per-model settings: where its endpoints come from and how to route among them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    pool: PoolConfig | None = None
+    static_endpoints: list[str] = Field(default_factory=list, description="URLs of engines started elsewhere")
+    default_strategy: str | None = None
+
+    @field_validator("default_strategy")
+    @classmethod
+    def _known_strategy(cls, value: str | None) -> str | None:
+        if value is not None and value not in strategy_names():
+            raise ValueError(f"unknown routing strategy {value!r}; valid: {', '.join(strategy_names())}")
+        return value
+
+    @model_validator(mode="after")
+    def _pool_serves_this_model(self) -> ModelConfig:
+        """A pool's engines answer to the model's name; fill it in when the config leaves it out."""
+        if self.pool is None:
+            return self
+        engine = self.pool.engine_config
+        if engine.served_model_name is None and engine.model != self.name:
+            self.pool.engine_config = engine.model_copy(update={"served_model_name": self.name})
+        elif engine.name != self.name:
+            raise ValueError(f"the pool of model {self.name!r} serves {engine.name!r}")
+        return self
+
+
+class GatewayConfig(BaseModel):
+    """Gateway replica settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_strategy: str = "least-request"
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(4096, ge=1)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(600.0, gt=0, description="longest silence allowed from an engine mid-response")
+    seed: int | None = None
+
+    @field_validator("default_strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in strategy_names():
+            raise ValueError(f"unknown routing strategy {value!r}; valid: {', '.join(strategy_names())}")
+        return value
+
+
+class AppConfig(BaseModel):
+    """The whole rayfleet Serve application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model listed twice: {', '.join(duplicates)}")
+        return self
+
+    def default_strategy_for(self, model: str) -> str:
+        for m in self.models:
+            if m.name == model and m.default_strategy:
+                return m.default_strategy
+        return self.gateway.default_strategy

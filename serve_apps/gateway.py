@@ -1,0 +1,248 @@
+"""The gateway's request path: admit, route, relay. A plain ASGI app, free of Serve.
+
+It parses only what routing needs (the model, the stream flag and, for strategies that ask,
+the prompt text) and forwards the client's body bytes untouched, so engine-specific fields
+(``ignore_eos``, ``continuous_usage_stats``, content parts, ...) reach vLLM as sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import orjson
+
+from serve_apps.asgi import ClientDisconnected, Headers, Receive, Scope, Send, read_body, request_headers, send_response
+from serve_apps.config import AppConfig
+from serve_apps.errors import GatewayError, wrap_upstream_error
+from serve_apps.metrics import GatewayMetrics
+from serve_apps.routing import EndpointState, RoutingRequest, build_strategies, strategy_names
+from serve_apps.view import EndpointView
+
+logger = logging.getLogger(__name__)
+
+ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+WANTED_HEADERS = (b"routing-strategy", b"x-request-id", b"user", b"x-session-id")
+_UPSTREAM_FAILURES = (aiohttp.ClientConnectionError, TimeoutError)
+MAX_ATTEMPTS = 2  # a connection failure before any byte is retried once, on another endpoint
+
+
+class GatewayApp:
+    """OpenAI-compatible front door: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``."""
+
+    def __init__(self, config: AppConfig, view: EndpointView, metrics: GatewayMetrics | None = None) -> None:
+        self.config = config
+        self.view = view
+        self.metrics = metrics
+        self.strategies = build_strategies(config.gateway.seed)
+        self._strategy_names = {name: name.encode() for name in self.strategies}
+        self._model_strategy = {m.name: m.default_strategy for m in config.models if m.default_strategy}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """One pooled client per replica, created on the serving event loop."""
+        if self._session is None or self._session.closed:
+            gateway = self.config.gateway
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                timeout=aiohttp.ClientTimeout(sock_connect=gateway.connect_timeout_s, sock_read=gateway.read_timeout_s),
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path in ROUTED_PATHS:
+            if method != "POST":
+                await self._send_error(send, GatewayError(405, f"{method} is not allowed on {path}; use POST"), [])
+                return
+            await self._proxy(scope, receive, send)
+        elif path == "/v1/models" and method == "GET":
+            await send_response(send, 200, self._models_body(), [])
+        elif path in ("/health", "/-/healthz"):
+            await send_response(send, 200, b"ok", [], content_type=b"text/plain")
+        else:
+            await self._send_error(send, GatewayError(404, f"no route for {method} {path}", code="not_found"), [])
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _models_body(self) -> bytes:
+        created = int(time.time())
+        cards = [{"id": m, "object": "model", "created": created, "owned_by": "rayfleet"} for m in self.view.models()]
+        return orjson.dumps({"object": "list", "data": cards})
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers = request_headers(scope, WANTED_HEADERS)
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        id_header = [(b"request-id", request_id.encode())]
+        model = ""
+        try:
+            body = await read_body(receive)
+            request, stream = self._parse(scope["path"], body, headers)
+            model = request.model
+            strategy_name = self._strategy_for(request)
+            candidates = self._candidates(model)
+        except GatewayError as error:
+            if self.metrics:
+                self.metrics.record_error(model, error.code or str(error.status))
+            await self._send_error(send, error, id_header)
+            return
+        except ClientDisconnected:
+            return
+        strategy = self.strategies[strategy_name]
+        route_headers = id_header + [(b"routing-strategy", self._strategy_names[strategy_name])]
+        upstream_headers = {"content-type": "application/json", "x-request-id": request_id}
+        tried: list[EndpointState] = []
+        for attempt in range(MAX_ATTEMPTS):
+            endpoint = strategy.choose(request, candidates)
+            tried.append(endpoint)
+            endpoint.in_flight += 1
+            try:
+                status, first_byte = await self._relay(
+                    scope["path"], body, stream, endpoint, upstream_headers,
+                    route_headers + [(b"target-pod", endpoint.name.encode())], receive, send,
+                )  # fmt: skip
+            except _UPSTREAM_FAILURES as exc:
+                # Nothing reached the client yet: try another endpoint once, then give up.
+                logger.warning("endpoint %s unreachable for %s: %r", endpoint.name, request_id, exc)
+                if self.metrics:
+                    self.metrics.record_error(model, "upstream_unreachable")
+                candidates = [c for c in candidates if c not in tried]
+                if attempt + 1 < MAX_ATTEMPTS and candidates:
+                    continue
+                error = GatewayError(502, f"engine {endpoint.name} is unreachable: {exc!r}", code="upstream_unreachable")
+                await self._send_error(send, error, route_headers)
+                return
+            finally:
+                endpoint.in_flight -= 1
+            if self.metrics:
+                now = time.perf_counter()
+                self.metrics.record(model, endpoint.name, strategy_name, status, first_byte - started, now - started)
+            return
+
+    def _parse(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[RoutingRequest, bool]:
+        """Read the model and the stream flag; everything else stays opaque bytes."""
+        try:
+            parsed: Any = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(parsed, dict):
+            raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
+        model = parsed.get("model")
+        if model is None:
+            raise GatewayError(400, "you must provide a model parameter", code="missing_model", param="model")
+        if not isinstance(model, str):
+            raise GatewayError(400, "model must be a string", code="invalid_type", param="model")
+        stream = parsed.get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise GatewayError(400, "stream must be a boolean", code="invalid_type", param="stream")
+        return RoutingRequest(model=model, path=path, body=parsed, headers=headers), stream
+
+    def _strategy_for(self, request: RoutingRequest) -> str:
+        """The ``routing-strategy`` header, else the model's default, else the gateway's."""
+        name = request.headers.get("routing-strategy") or self._model_strategy.get(request.model)
+        name = name or self.config.gateway.default_strategy
+        if name not in self.strategies:
+            raise GatewayError(
+                400,
+                f"unknown routing strategy {name!r}; valid strategies: {', '.join(strategy_names())}",
+                code="invalid_routing_strategy",
+            )
+        return name
+
+    def _candidates(self, model: str) -> list[EndpointState]:
+        candidates = self.view.ready_endpoints(model)
+        if candidates:
+            return candidates
+        if self.view.knows(model):
+            raise GatewayError(503, f"no ready endpoint serves model {model!r}; retry shortly", code="no_ready_endpoint")
+        raise GatewayError(400, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+
+    async def _relay(
+        self,
+        path: str,
+        body: bytes,
+        stream: bool,
+        endpoint: EndpointState,
+        upstream_headers: dict[str, str],
+        response_headers: Headers,
+        receive: Receive,
+        send: Send,
+    ) -> tuple[int, float]:
+        """Forward one request; returns the status and when the first byte went to the client.
+
+        Raises the connection error only if nothing was sent to the client yet.
+        """
+        async with self.session.post(endpoint.url + path, data=body, headers=upstream_headers) as upstream:
+            status = upstream.status
+            content_type = upstream.headers.get("Content-Type", "application/json").encode()
+            if status != 200:
+                payload = wrap_upstream_error(status, await upstream.read())
+                await send_response(send, status, payload, response_headers)
+                return status, time.perf_counter()
+            if not (stream and content_type.startswith(b"text/event-stream")):
+                payload = await upstream.read()
+                await send_response(send, status, payload, response_headers, content_type=content_type)
+                return status, time.perf_counter()
+            return status, await self._relay_stream(upstream, content_type, response_headers, receive, send)
+
+    @staticmethod
+    async def _relay_stream(
+        upstream: aiohttp.ClientResponse, content_type: bytes, response_headers: Headers, receive: Receive, send: Send
+    ) -> float:
+        """Relay SSE chunks as they arrive; stop (closing the engine's stream) if the client leaves."""
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache"), *response_headers],
+            }
+        )
+        first_byte = 0.0
+        disconnected = asyncio.ensure_future(receive())  # resolves only with http.disconnect
+        try:
+            async for chunk in upstream.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not first_byte:
+                    first_byte = time.perf_counter()
+                if disconnected.done():
+                    logger.info("client went away mid-stream; closing the engine's stream")
+                    upstream.close()
+                    return first_byte
+        except _UPSTREAM_FAILURES as exc:
+            # Headers are out: the client sees the stream end early, which is all we can say.
+            logger.warning("engine stream broke after the first byte: %r", exc)
+        finally:
+            disconnected.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return first_byte or time.perf_counter()
+
+    @staticmethod
+    async def _send_error(send: Send, error: GatewayError, headers: Headers) -> None:
+        await send_response(send, error.status, error.body(), headers)

@@ -1,0 +1,103 @@
+"""The routing seam: a strategy picks one endpoint for one request from plain state.
+
+Strategies are pure: they read a ``RoutingRequest`` and the candidates' ``EndpointState``
+and return one of the candidates. They never do I/O, so the same code runs in the live
+gateway and in the discrete-event benchmarks, and a test can drive one with hand-made state.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, Sequence
+
+
+@dataclass(slots=True)
+class EndpointState:
+    """The gateway's live view of one endpoint, as strategies see it.
+
+    ``in_flight`` counts this gateway replica's requests that the endpoint has not
+    finished answering; the gateway keeps it exact (incremented when it routes, decremented
+    when the response ends, errors included).
+    """
+
+    name: str
+    url: str
+    ready: bool = True
+    labels: dict[str, str] = field(default_factory=dict)
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
+class RoutingRequest:
+    """What a strategy may know about a request: its model, headers and parsed body.
+
+    The prompt text is extracted only when a strategy asks for it, so strategies that
+    do not need it (random, least-request) cost nothing extra.
+    """
+
+    model: str
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    _prompt_text: str | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        if self._prompt_text is None:
+            self._prompt_text = extract_prompt_text(self.body)
+        return self._prompt_text
+
+
+def extract_prompt_text(body: dict[str, Any]) -> str:
+    """The text a request asks the model to continue, without any chat template.
+
+    Chat: every message's text content in order (string content, or the text parts of a
+    content list). Completions: the prompt string (or strings joined). Token-id prompts
+    have no text and give "".
+    """
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        pieces: list[str] = []
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                pieces.append(content)
+            elif isinstance(content, list):
+                pieces.extend(
+                    part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+                )
+        return "\n".join(pieces)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt)
+    return ""
+
+
+class RoutingStrategy(Protocol):
+    """One routing policy. ``candidates`` is never empty and holds only ready endpoints."""
+
+    name: ClassVar[str]
+
+    def choose(self, request: RoutingRequest, candidates: Sequence[EndpointState]) -> EndpointState: ...
+
+
+def pick_uniform_minimum(
+    candidates: Sequence[EndpointState], key: Any, rng: random.Random
+) -> EndpointState:
+    """The candidate with the smallest ``key``, ties broken uniformly at random.
+
+    A fixed tie-break (first or last) would send every request to the same endpoint
+    whenever the load is level, e.g. at low traffic; random ties spread it.
+    """
+    best_value = None
+    best: list[EndpointState] = []
+    for candidate in candidates:
+        value = key(candidate)
+        if best_value is None or value < best_value:
+            best_value, best = value, [candidate]
+        elif value == best_value:
+            best.append(candidate)
+    return best[0] if len(best) == 1 else rng.choice(best)

@@ -1,0 +1,75 @@
+"""A gateway replica's local copy of the endpoint registry.
+
+Requests read it synchronously (a dict lookup); a background task long-polls the
+registry actor and swaps in each new version. Per-endpoint load counters live here too and
+survive those swaps, because the registry knows nothing about this replica's traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+
+from serve_apps.endpoints import RegistrySnapshot
+from serve_apps.routing import EndpointState
+
+logger = logging.getLogger(__name__)
+
+
+class EndpointView:
+    """Model name -> endpoint states, rebuilt from registry snapshots."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self._states: dict[str, EndpointState] = {}
+        self._all: dict[str, list[EndpointState]] = {}
+        self._ready: dict[str, list[EndpointState]] = {}
+
+    def apply(self, snapshot: RegistrySnapshot) -> None:
+        """Replace the view with ``snapshot``, keeping the live counters of known endpoints."""
+        states: dict[str, EndpointState] = {}
+        by_model: dict[str, list[EndpointState]] = {}
+        for endpoint in snapshot.endpoints:
+            state = self._states.get(endpoint.name)
+            if state is None or state.url != endpoint.url:
+                state = EndpointState(name=endpoint.name, url=endpoint.url)
+            state.ready = endpoint.ready
+            state.labels = endpoint.labels
+            states[endpoint.name] = state
+            for model in endpoint.served_names():
+                by_model.setdefault(model, []).append(state)
+        self._states = states
+        self._all = by_model
+        self._ready = {model: [s for s in group if s.ready] for model, group in by_model.items()}
+        self.version = snapshot.version
+
+    def knows(self, model: str) -> bool:
+        return model in self._all
+
+    def ready_endpoints(self, model: str) -> list[EndpointState]:
+        return self._ready.get(model, [])
+
+    def models(self) -> list[str]:
+        """Models with at least one ready endpoint, in name order."""
+        return sorted(model for model, group in self._ready.items() if group)
+
+    def endpoints(self) -> list[EndpointState]:
+        return list(self._states.values())
+
+    async def follow(self, registry_getter, poll_timeout_s: float = 30.0) -> None:
+        """Track the registry forever; survive its restarts by re-resolving the handle."""
+        registry = None
+        while True:
+            try:
+                if registry is None:
+                    registry = registry_getter()
+                snapshot = await registry.watch.remote(self.version, poll_timeout_s)
+                self.apply(snapshot)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the registry restarting or not created yet
+                logger.warning("endpoint registry unavailable (%s); retrying", exc)
+                registry = None
+                await asyncio.sleep(1.0)
