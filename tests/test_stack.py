@@ -1,0 +1,113 @@
+"""``rayfleet up`` / ``status`` / ``down`` as a user runs them: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rayfleet.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def pids_matching(fragment: str) -> set[int]:
+    """PIDs whose command line contains ``fragment`` (read from /proc, no extra tools)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if fragment in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_up_status_stream_down_leaves_nothing_behind(tmp_path: Path) -> None:
+    env = {**os.environ, "RAYFLEET_HOME": str(tmp_path), "RAY_ADDRESS": ""}
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "rayfleet.cli", "up", "--engines", "2", "--port", str(port), "--model", "demo"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read_output() -> None:
+        for line in up.stdout:
+            lines.append(line)
+            if "rayfleet is up" in line:
+                ready.set()
+
+    threading.Thread(target=read_output, daemon=True).start()
+    try:
+        assert ready.wait(180), "".join(lines)
+        time.sleep(1)  # the rest of the summary
+        summary = "".join(lines)
+        assert f"http://127.0.0.1:{port}" in summary and summary.count("engine ") == 2
+
+        status = cli("status", "--json", env=env)
+        assert status.returncode == 0, status.stderr
+        info = json.loads(status.stdout)
+        assert info["gateway"] == f"http://127.0.0.1:{port}"
+        (model,) = info["models"]
+        assert model["name"] == "demo" and len(model["endpoints"]) == 2
+        assert all(e["ready"] for e in model["endpoints"])
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        engine_url = model["endpoints"][0]["url"]
+        metrics = urllib.request.urlopen(f"{engine_url}/metrics", timeout=5).read().decode()
+        for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds"):
+            assert name in metrics
+
+        engine_ports = [e["url"].rsplit(":", 1)[1] for e in model["endpoints"]]
+        engine_pids = set().union(*(pids_matching(f"--port {p} ") for p in engine_ports))
+        gcs_port = info["ray_address"].rsplit(":", 1)[1]
+        ray_pids = pids_matching(f"--gcs-address={info['ray_address']}") | pids_matching(f"--gcs_server_port={gcs_port}")
+        assert engine_pids and ray_pids
+
+        down = cli("down", env=env)
+        assert down.returncode == 0, down.stderr
+        up.wait(30)
+        assert up.returncode == 0
+        time.sleep(1)
+        leftovers = {p for p in engine_pids | ray_pids if Path(f"/proc/{p}").exists()}
+        assert not leftovers, f"processes left behind: {leftovers}"
+        assert not (tmp_path / "up.json").exists()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
+    env = {**os.environ, "RAYFLEET_HOME": str(tmp_path)}
+    result = cli("status", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "rayfleet up" in result.stderr
+    result = cli("up", "--engines", "0", env=env)
+    assert result.returncode == 2 and "--engines" in result.stderr
+    result = cli("up", "--strategy", "nope", env=env)
+    assert result.returncode == 2 and "least-request" in result.stderr
+    assert cli("down", env=env).stdout.strip() == "rayfleet is not running"
