@@ -7,12 +7,14 @@ runs and stays in the foreground. A small state file lets ``down`` and ``status`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,53 @@ def build_config(options: UpOptions) -> dict:
         raise UsageError(f"invalid configuration at {where}: {first['msg']}") from None
 
 
+@dataclass
+class RunningStack:
+    """What a started stack exposes to its caller."""
+
+    gateway_url: str
+    ray_address: str
+    dashboard_url: str | None
+    started_ray: bool
+
+
+@contextlib.contextmanager
+def running_stack(
+    config: dict, host: str, port: int, address: str | None = None, include_dashboard: bool | None = None
+) -> Iterator[RunningStack]:
+    """Start (or join) Ray and deploy the application; tear everything down on exit.
+
+    It yields as soon as the application is deployed; ``wait_for_engines`` then waits for
+    the engines, which for real vLLM can take minutes.
+
+    ``rayfleet up`` and ``rayfleet bench overhead`` both run through here, so a benchmark
+    measures exactly the stack users run.
+    """
+    import ray
+    from ray import serve
+
+    from serve_apps.app import build_app
+    from serve_apps.registry import NAMESPACE
+
+    os.environ.update(SERVE_ENV)
+    context = ray.init(
+        address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False,
+        include_dashboard=include_dashboard,
+    )  # fmt: skip
+    started_ray = address is None
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        yield RunningStack(
+            gateway_url=f"http://{host}:{port}",
+            ray_address=context.address_info["address"],
+            dashboard_url=f"http://{context.dashboard_url}" if context.dashboard_url else None,
+            started_ray=started_ray,
+        )
+    finally:
+        _teardown(started_ray)
+
+
 def up(options: UpOptions) -> int:
     """Start the stack and block until Ctrl-C, SIGTERM or ``rayfleet down``."""
     existing = read_state()
@@ -136,37 +185,23 @@ def up(options: UpOptions) -> int:
     if options.engine == "vllm" and not _vllm_installed():
         raise UsageError("--engine vllm needs vLLM on this machine: pip install 'rayfleet[vllm]' (GPU nodes only)")
     config = build_config(options)
-
-    import ray
-    from ray import serve
-
-    from serve_apps.app import build_app
-    from serve_apps.registry import NAMESPACE
-
-    os.environ.update(SERVE_ENV)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    context = ray.init(address=options.address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
-    started_ray = options.address is None
-    try:
-        serve.start(http_options={"host": options.host, "port": options.port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-        gateway_url = f"http://{options.host}:{options.port}"
-        dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else None
+    state_path().parent.mkdir(parents=True, exist_ok=True)
+    with running_stack(config, options.host, options.port, options.address) as stack:
         state = StackState(
-            pid=os.getpid(), ray_address=context.address_info["address"], gateway_url=gateway_url,
-            dashboard_url=dashboard, started_ray=started_ray,
+            pid=os.getpid(), ray_address=stack.ray_address, gateway_url=stack.gateway_url,
+            dashboard_url=stack.dashboard_url, started_ray=stack.started_ray,
         )  # fmt: skip
-        state_path().parent.mkdir(parents=True, exist_ok=True)
+        # Written before the engines are ready, so `rayfleet down` works during a slow start.
         state_path().write_text(state.model_dump_json())
-        endpoints = _wait_for_engines(config, options.ready_timeout_s, stop)
-        _print_summary(state, endpoints)
+        endpoints = wait_for_engines(config, options.ready_timeout_s, stop)
+        if not stop.is_set():
+            _print_summary(state, endpoints)
         while not stop.wait(0.5):
             pass
         print("rayfleet: shutting down ...", file=sys.stderr, flush=True)
-    finally:
-        _teardown(started_ray)
     return 0
 
 
@@ -176,7 +211,7 @@ def _vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _wait_for_engines(config: dict, timeout_s: float, stop: threading.Event) -> list:
+def wait_for_engines(config: dict, timeout_s: float, stop: threading.Event) -> list:
     """Poll the registry until every pooled engine is ready (or the timeout: then say which are not)."""
     import ray
 

@@ -1,0 +1,107 @@
+"""``rayfleet bench overhead``: what the gateway adds over going straight to an engine.
+
+It starts the same stack ``rayfleet up`` runs, with one engine on the ``instant`` GPU
+profile (answers as fast as the CPU allows), then sends identical closed-loop load first
+directly to the engine and then through the gateway, at each concurrency in turn. Both
+runs share the machine in the same minute, so the ratio is what to read: absolute
+figures on a 2-core box include the load generator itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from bench import loadgen
+from bench.errors import BenchUsageError
+from bench.stats import BenchReport, BenchRow, Warmup, compute_metrics
+from bench.tables import format_table
+from bench.workloads import LengthPool, PromptBuilder, Workload
+from engines.core.tokenizer import get_tokenizer
+
+MODEL = "overhead-model"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "overhead",
+        help="gateway vs direct on an instant engine: added latency at 1 client, throughput at 64",
+        description=__doc__,
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64], help="closed-loop clients per run")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (default %(default)s)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds excluded at the start of each run")
+    parser.add_argument("--input-len", type=int, default=32, help="prompt tokens (default %(default)s)")
+    parser.add_argument("--output-len", type=int, default=1, help="output tokens (default %(default)s)")
+    parser.add_argument("--stream", action="store_true", help="stream responses (default: non-streaming)")
+    parser.add_argument("--port", type=int, default=8000, help="gateway port for the self-hosted stack")
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.set_defaults(bench_run=run)
+
+
+def _config() -> dict:
+    return {
+        "models": [
+            {
+                "name": MODEL,
+                "pool": {"replicas": 1, "engine_config": {"model": MODEL, "sim": {"gpu": "instant", "time_scale": 0.0}}},
+            }
+        ]
+    }
+
+
+def _measure(url: str, workload: Workload, concurrency: int, args: argparse.Namespace) -> BenchRow:
+    target = loadgen.Target(base_url=url, model=MODEL, stream=args.stream, timeout_s=30.0)
+    prepared = [loadgen.prepare(workload.spec(i), target) for i in range(256)]
+    records = loadgen.run(
+        loadgen.run_closed_loop(lambda i: prepared[i % len(prepared)], concurrency, 30.0, duration_s=args.duration)
+    )
+    metrics = compute_metrics(records, warmup=Warmup(seconds=args.warmup))
+    return BenchRow.from_metrics(metrics, policy="", workload="instant-engine", concurrency=concurrency)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rayfleet.stack import port_in_use, running_stack, wait_for_engines
+
+    if port_in_use("127.0.0.1", args.port):
+        raise BenchUsageError(f"port {args.port} is in use: pass --port N (or stop `rayfleet up` first)")
+    workload = Workload(
+        name="instant-engine",
+        api="chat",
+        lengths=LengthPool.fixed(args.input_len, args.output_len),
+        prompts=PromptBuilder(get_tokenizer(), seed=0, salt=1),
+    )
+    config = _config()
+    rows: list[BenchRow] = []
+    with running_stack(config, "127.0.0.1", args.port, include_dashboard=False) as stack:
+        (engine,) = [e for e in wait_for_engines(config, 120.0, threading.Event()) if e.model == MODEL]
+        for concurrency in args.concurrency:
+            for policy, url in (("direct", engine.url), ("gateway", stack.gateway_url)):
+                row = _measure(url, workload, concurrency, args)
+                rows.append(row.model_copy(update={"policy": policy}))
+                print(f"  c={concurrency:<3} {policy:<8} {row.achieved_rps:8.0f} req/s  E2E p50 "
+                      f"{(row.e2e_p50_s or 0) * 1e3:.3f} ms", file=sys.stderr, flush=True)  # fmt: skip
+    notes = _ratios(rows)
+    print(format_table(rows))
+    print("\n".join(notes))
+    if args.out:
+        BenchReport(bench="overhead", rows=rows, notes=notes, meta={"stream": args.stream}).write(args.out)
+    return 0
+
+
+def _ratios(rows: list[BenchRow]) -> list[str]:
+    """Per concurrency: the gateway's added E2E p50 and its share of direct throughput."""
+    notes = []
+    by_key = {(r.policy, r.concurrency): r for r in rows}
+    for (policy, concurrency), gateway in by_key.items():
+        direct = by_key.get(("direct", concurrency))
+        if policy != "gateway" or direct is None or not direct.achieved_rps:
+            continue
+        added_ms = ((gateway.e2e_p50_s or 0) - (direct.e2e_p50_s or 0)) * 1e3
+        notes.append(
+            f"c={concurrency}: gateway adds {added_ms:.3f} ms E2E p50; "
+            f"throughput {gateway.achieved_rps:.0f} vs {direct.achieved_rps:.0f} req/s direct "
+            f"(ratio {gateway.achieved_rps / direct.achieved_rps:.2f})"
+        )
+    return notes
