@@ -5,13 +5,24 @@ profile (answers as fast as the CPU allows), then sends identical closed-loop lo
 directly to the engine and then through the gateway, at each concurrency in turn. Both
 runs share the machine in the same minute, so the ratio is what to read: absolute
 figures on a 2-core box include the load generator itself.
+
+The default client is ``wrk`` (C, one thread) when it is installed: it leaves the cores to
+the system under test, which is how the peer routers' figures were taken. ``--client
+python`` uses rayfleet's own aiohttp load generator instead, which costs about 100 us of
+CPU per request on the same two cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from bench import loadgen
 from bench.errors import BenchUsageError
@@ -35,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--input-len", type=int, default=32, help="prompt tokens (default %(default)s)")
     parser.add_argument("--output-len", type=int, default=1, help="output tokens (default %(default)s)")
     parser.add_argument("--stream", action="store_true", help="stream responses (default: non-streaming)")
+    parser.add_argument(
+        "--client", choices=["auto", "wrk", "python"], default="auto",
+        help="load generator: wrk if installed (auto), or rayfleet's aiohttp client",
+    )  # fmt: skip
     parser.add_argument("--port", type=int, default=8000, help="gateway port for the self-hosted stack")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.set_defaults(bench_run=run)
@@ -54,6 +69,8 @@ def _config() -> dict:
 def _measure(url: str, workload: Workload, concurrency: int, args: argparse.Namespace) -> BenchRow:
     target = loadgen.Target(base_url=url, model=MODEL, stream=args.stream, timeout_s=30.0)
     prepared = [loadgen.prepare(workload.spec(i), target) for i in range(256)]
+    if args.client == "wrk":
+        return _measure_wrk(prepared[0], concurrency, args)
     records = loadgen.run(
         loadgen.run_closed_loop(lambda i: prepared[i % len(prepared)], concurrency, 30.0, duration_s=args.duration)
     )
@@ -61,9 +78,46 @@ def _measure(url: str, workload: Workload, concurrency: int, args: argparse.Name
     return BenchRow.from_metrics(metrics, policy="", workload="instant-engine", concurrency=concurrency)
 
 
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d %f %f %f\\n", summary.requests, summary.duration,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.bytes, latency:percentile(50) / 1e6, latency:percentile(99) / 1e6, latency.mean / 1e6))
+end
+"""
+_WRK_RESULT = re.compile(r"RESULT (\d+) (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+)")
+
+
+def _measure_wrk(request: loadgen.PreparedRequest, concurrency: int, args: argparse.Namespace) -> BenchRow:
+    """One closed-loop run with wrk; its Lua ``done`` hook reports counts and latency percentiles."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(_WRK_SCRIPT.format(body=json.dumps(request.body.decode())))
+        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{args.duration:g}s", "--timeout", "30s", "-s", str(script), request.url]
+        output = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 60).stdout
+    match = _WRK_RESULT.search(output)
+    if match is None:
+        raise RuntimeError(f"wrk gave no result: {output[-500:]}")
+    requests, duration_us, errors = (int(match.group(i)) for i in (1, 2, 3))
+    p50, p99, mean = (float(match.group(i)) for i in (5, 6, 7))
+    rate = requests / (duration_us / 1e6)
+    return BenchRow(
+        policy="", workload="instant-engine", achieved_rps=rate, e2e_p50_s=p50, e2e_p99_s=p99, e2e_mean_s=mean,
+        output_tok_s=rate * args.output_len, completed=requests - errors, errors=errors,
+        concurrency=concurrency, duration_s=duration_us / 1e6,
+    )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from rayfleet.stack import port_in_use, running_stack, wait_for_engines
 
+    if args.client == "auto":
+        args.client = "wrk" if shutil.which("wrk") and not args.stream else "python"
+    if args.client == "wrk" and (args.stream or not shutil.which("wrk")):
+        raise BenchUsageError("--client wrk needs wrk installed (apt-get install wrk) and non-streaming load")
     if port_in_use("127.0.0.1", args.port):
         raise BenchUsageError(f"port {args.port} is in use: pass --port N (or stop `rayfleet up` first)")
     workload = Workload(
@@ -86,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print("\n".join(notes))
     if args.out:
-        BenchReport(bench="overhead", rows=rows, notes=notes, meta={"stream": args.stream}).write(args.out)
+        BenchReport(bench="overhead", rows=rows, notes=notes, meta={"stream": args.stream, "client": args.client}).write(args.out)
     return 0
 
 

@@ -8,6 +8,7 @@ runs and stays in the foreground. A small state file lets ``down`` and ``status`
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -20,16 +21,35 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from engines.launcher import free_port
+
 APP_NAME = "rayfleet"
 
 # Serve settings the gateway depends on (measurements.md §2): the HAProxy ingress does not
 # collapse at 64 clients where the Python proxy does, and the throughput-optimised mode runs
-# user code on the replica's main loop, without a thread hop per request.
+# user code on the replica's main loop, without a thread hop per request. HAProxy's
+# per-request metrics log is parsed by a Python actor that cost a seventh of a core at
+# 3,000 req/s here; the gateway exports its own request metrics instead. One HAProxy
+# thread is plenty for a few thousand req/s and leaves the cores to Python.
 SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
 }
+
+
+def serve_environment() -> dict[str, str]:
+    """``SERVE_ENV`` plus free ports for HAProxy's stats and metrics listeners.
+
+    Serve binds those two on fixed ports (8404, 9101) on every interface, so a second
+    Serve cluster on the same machine (a test cluster beside ``rayfleet up``, two users on
+    one host) would fail to start HAProxy. Ports the user set explicitly are kept.
+    """
+    env = dict(SERVE_ENV)
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        env[name] = os.environ.get(name) or str(free_port("0.0.0.0"))
+    return env
 
 
 class StackState(BaseModel):
@@ -40,6 +60,7 @@ class StackState(BaseModel):
     gateway_url: str
     dashboard_url: str | None = None
     started_ray: bool
+    node_id: str
 
 
 def state_path() -> Path:
@@ -54,13 +75,18 @@ def read_state() -> StackState | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no procfs here: fall back to signal 0
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
         return True
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 class UsageError(Exception):
@@ -128,20 +154,10 @@ def build_config(options: UpOptions) -> dict:
         raise UsageError(f"invalid configuration at {where}: {first['msg']}") from None
 
 
-@dataclass
-class RunningStack:
-    """What a started stack exposes to its caller."""
-
-    gateway_url: str
-    ray_address: str
-    dashboard_url: str | None
-    started_ray: bool
-
-
 @contextlib.contextmanager
 def running_stack(
     config: dict, host: str, port: int, address: str | None = None, include_dashboard: bool | None = None
-) -> Iterator[RunningStack]:
+) -> Iterator[StackState]:
     """Start (or join) Ray and deploy the application; tear everything down on exit.
 
     It yields as soon as the application is deployed; ``wait_for_engines`` then waits for
@@ -156,7 +172,7 @@ def running_stack(
     from serve_apps.app import build_app
     from serve_apps.registry import NAMESPACE
 
-    os.environ.update(SERVE_ENV)
+    os.environ.update(serve_environment())
     context = ray.init(
         address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False,
         include_dashboard=include_dashboard,
@@ -165,11 +181,13 @@ def running_stack(
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-        yield RunningStack(
+        yield StackState(
+            pid=os.getpid(),
             gateway_url=f"http://{host}:{port}",
             ray_address=context.address_info["address"],
             dashboard_url=f"http://{context.dashboard_url}" if context.dashboard_url else None,
             started_ray=started_ray,
+            node_id=ray.get_runtime_context().get_node_id(),
         )
     finally:
         _teardown(started_ray)
@@ -180,20 +198,20 @@ def up(options: UpOptions) -> int:
     existing = read_state()
     if existing and pid_alive(existing.pid):
         raise UsageError(f"rayfleet is already up (pid {existing.pid}, {existing.gateway_url}): run `rayfleet down` first")
+    if existing:
+        _clean_up_after(existing)
     if port_in_use(options.host, options.port):
         raise UsageError(f"port {options.port} is in use: pass --port N or stop whatever holds it")
     if options.engine == "vllm" and not _vllm_installed():
         raise UsageError("--engine vllm needs vLLM on this machine: pip install 'rayfleet[vllm]' (GPU nodes only)")
     config = build_config(options)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     state_path().parent.mkdir(parents=True, exist_ok=True)
-    with running_stack(config, options.host, options.port, options.address) as stack:
-        state = StackState(
-            pid=os.getpid(), ray_address=stack.ray_address, gateway_url=stack.gateway_url,
-            dashboard_url=stack.dashboard_url, started_ray=stack.started_ray,
-        )  # fmt: skip
+    with running_stack(config, options.host, options.port, options.address) as state:
+        # After ray.init, which installs its own SIGTERM handler: ours must win, so that
+        # `rayfleet down` gets the orderly teardown instead of an abrupt exit.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         # Written before the engines are ready, so `rayfleet down` works during a slow start.
         state_path().write_text(state.model_dump_json())
         endpoints = wait_for_engines(config, options.ready_timeout_s, stop)
@@ -244,31 +262,75 @@ def _print_summary(state: StackState, endpoints: list) -> None:
     print("\n".join(lines), flush=True)
 
 
+DELETE_GRACE_S = 15.0
+
+
 def _teardown(started_ray: bool) -> None:
-    """Delete the app (its engine manager stops the engines), the registry, then Ray if ours."""
+    """Delete the app (its engine manager stops the engines), the registry, then Ray if ours.
+
+    Serve's own delete waits until HAProxy has drained every client connection, idle
+    keep-alive ones included, which can take minutes; in-flight requests get
+    ``DELETE_GRACE_S`` instead. On our own cluster, ``ray.shutdown`` then ends whatever
+    is left: engines die with their actors, and HAProxy is stopped by hand.
+    """
     import ray
     from ray import serve
 
     from serve_apps.registry import get_registry
 
+    node_id = ray.get_runtime_context().get_node_id()
     try:
-        serve.delete(APP_NAME)
+        serve.delete(APP_NAME, _blocking=False)
+        deadline = time.monotonic() + DELETE_GRACE_S
+        while APP_NAME in serve.status().applications and time.monotonic() < deadline:
+            time.sleep(0.5)
         ray.kill(get_registry(create=False))
     except Exception as exc:  # already gone, or Ray itself is going down
         print(f"rayfleet: cleanup: {exc}", file=sys.stderr)
-    if started_ray:
-        serve.shutdown()
     ray.shutdown()
+    if started_ray:
+        kill_haproxy(node_id)
     state = read_state()
     if state and state.pid == os.getpid():
         state_path().unlink(missing_ok=True)
+
+
+def _clean_up_after(state: StackState) -> None:
+    """A ``rayfleet up`` that was killed outright leaves its state file and HAProxy behind."""
+    if state.started_ray:
+        kill_haproxy(state.node_id)
+    state_path().unlink(missing_ok=True)
+
+
+def kill_haproxy(node_id: str) -> None:
+    """Stop HAProxy processes Serve left behind on our node.
+
+    Serve 2.60 starts a new HAProxy on every route change (``-sf`` reload) and does not
+    always reap them when the cluster goes down; an orphan keeps the gateway port bound.
+    Serve keeps each node's HAProxy files under a directory named after the node id,
+    which is how ours are told apart from any other cluster's.
+    """
+    marker = f"/haproxy-serve/{node_id}/".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"haproxy" in cmdline and marker in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def down(timeout_s: float = 90.0) -> int:
     """Signal the running ``rayfleet up`` and wait until it has cleaned up."""
     state = read_state()
     if state is None or not pid_alive(state.pid):
-        state_path().unlink(missing_ok=True)
+        if state is not None:
+            _clean_up_after(state)
         print("rayfleet is not running")
         return 0
     os.kill(state.pid, signal.SIGTERM)
@@ -290,6 +352,7 @@ def status() -> dict:
 
     from serve_apps.registry import NAMESPACE, get_registry
 
+    _use_ray_token_if_present()
     ray.init(address=state.ray_address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     try:
         snapshot = ray.get(get_registry(create=False).snapshot.remote())
@@ -305,6 +368,19 @@ def status() -> dict:
         "ray_address": state.ray_address,
         "models": [{"name": name, "endpoints": eps} for name, eps in sorted(models.items())],
     }
+
+
+def _use_ray_token_if_present() -> None:
+    """Send the cluster's auth token, as ``ray.init()`` does when it starts a cluster.
+
+    Ray 2.60 turns token auth on for a new local cluster, but a client connecting to an
+    explicit address only sends the token if RAY_AUTH_MODE=token was set before Ray
+    loaded. Ray's own helper for that decision is private; it is the exact rule we want.
+    """
+    from ray._private.authentication import authentication_token_setup as token_setup
+
+    logging.getLogger(token_setup.__name__).setLevel(logging.ERROR)  # its notice is for cluster owners
+    token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def format_status(info: dict) -> str:

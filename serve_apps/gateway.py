@@ -13,7 +13,6 @@ import time
 import uuid
 from typing import Any
 
-import aiohttp
 import orjson
 
 from serve_apps.asgi import ClientDisconnected, Headers, Receive, Scope, Send, read_body, request_headers, send_response
@@ -21,13 +20,13 @@ from serve_apps.config import AppConfig
 from serve_apps.errors import GatewayError, wrap_upstream_error
 from serve_apps.metrics import GatewayMetrics
 from serve_apps.routing import EndpointState, RoutingRequest, build_strategies, strategy_names
+from serve_apps.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse, UpstreamUnavailable
 from serve_apps.view import EndpointView
 
 logger = logging.getLogger(__name__)
 
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 WANTED_HEADERS = (b"routing-strategy", b"x-request-id", b"user", b"x-session-id")
-_UPSTREAM_FAILURES = (aiohttp.ClientConnectionError, TimeoutError)
 MAX_ATTEMPTS = 2  # a connection failure before any byte is retried once, on another endpoint
 
 
@@ -41,24 +40,19 @@ class GatewayApp:
         self.strategies = build_strategies(config.gateway.seed)
         self._strategy_names = {name: name.encode() for name in self.strategies}
         self._model_strategy = {m.name: m.default_strategy for m in config.models if m.default_strategy}
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[str, UpstreamPool] = {}
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """One pooled client per replica, created on the serving event loop."""
-        if self._session is None or self._session.closed:
-            gateway = self.config.gateway
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-                timeout=aiohttp.ClientTimeout(sock_connect=gateway.connect_timeout_s, sock_read=gateway.read_timeout_s),
-                skip_auto_headers=("User-Agent", "Accept-Encoding"),
-                auto_decompress=False,
-            )
-        return self._session
+    def _pool(self, url: str) -> UpstreamPool:
+        pool = self._pools.get(url)
+        if pool is None:
+            host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+            pool = self._pools[url] = UpstreamPool(host, int(port), self.config.gateway.connect_timeout_s)
+        return pool
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -115,7 +109,8 @@ class GatewayApp:
             return
         strategy = self.strategies[strategy_name]
         route_headers = id_header + [(b"routing-strategy", self._strategy_names[strategy_name])]
-        upstream_headers = {"content-type": "application/json", "x-request-id": request_id}
+        path = scope["path"].encode()
+        request_id_bytes = request_id.encode()
         tried: list[EndpointState] = []
         for attempt in range(MAX_ATTEMPTS):
             endpoint = strategy.choose(request, candidates)
@@ -123,10 +118,10 @@ class GatewayApp:
             endpoint.in_flight += 1
             try:
                 status, first_byte = await self._relay(
-                    scope["path"], body, stream, endpoint, upstream_headers,
+                    path, body, request_id_bytes, stream, endpoint,
                     route_headers + [(b"target-pod", endpoint.name.encode())], receive, send,
                 )  # fmt: skip
-            except _UPSTREAM_FAILURES as exc:
+            except UpstreamUnavailable as exc:
                 # Nothing reached the client yet: try another endpoint once, then give up.
                 logger.warning("endpoint %s unreachable for %s: %r", endpoint.name, request_id, exc)
                 if self.metrics:
@@ -186,58 +181,64 @@ class GatewayApp:
 
     async def _relay(
         self,
-        path: str,
+        path: bytes,
         body: bytes,
+        request_id: bytes,
         stream: bool,
         endpoint: EndpointState,
-        upstream_headers: dict[str, str],
         response_headers: Headers,
         receive: Receive,
         send: Send,
     ) -> tuple[int, float]:
         """Forward one request; returns the status and when the first byte went to the client.
 
-        Raises the connection error only if nothing was sent to the client yet.
+        Raises ``UpstreamUnavailable`` only if nothing was sent to the client yet.
         """
-        async with self.session.post(endpoint.url + path, data=body, headers=upstream_headers) as upstream:
-            status = upstream.status
-            content_type = upstream.headers.get("Content-Type", "application/json").encode()
-            if status != 200:
-                payload = wrap_upstream_error(status, await upstream.read())
-                await send_response(send, status, payload, response_headers)
-                return status, time.perf_counter()
-            if not (stream and content_type.startswith(b"text/event-stream")):
-                payload = await upstream.read()
-                await send_response(send, status, payload, response_headers, content_type=content_type)
-                return status, time.perf_counter()
-            return status, await self._relay_stream(upstream, content_type, response_headers, receive, send)
+        timeout_s = self.config.gateway.read_timeout_s
+        pool = self._pool(endpoint.url)
+        upstream, connection = await pool.post(path, body, request_id)
+        try:
+            await upstream.wait_headers(timeout_s)
+            if upstream.status == 200 and stream and upstream.content_type.startswith(b"text/event-stream"):
+                return 200, await self._relay_stream(upstream, response_headers, receive, send)
+            try:
+                payload = await upstream.read(timeout_s)
+            except UpstreamBroken as exc:
+                raise UpstreamUnavailable(str(exc)) from None  # nothing sent to the client yet
+            if upstream.status != 200:
+                await send_response(send, upstream.status, wrap_upstream_error(upstream.status, payload), response_headers)
+            else:
+                await send_response(send, 200, payload, response_headers, content_type=upstream.content_type)
+            return upstream.status, time.perf_counter()
+        finally:
+            pool.release(connection, upstream)
 
-    @staticmethod
     async def _relay_stream(
-        upstream: aiohttp.ClientResponse, content_type: bytes, response_headers: Headers, receive: Receive, send: Send
+        self, upstream: UpstreamResponse, response_headers: Headers, receive: Receive, send: Send
     ) -> float:
         """Relay SSE chunks as they arrive; stop (closing the engine's stream) if the client leaves."""
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache"), *response_headers],
+                "headers": [(b"content-type", upstream.content_type), (b"cache-control", b"no-cache"), *response_headers],
             }
         )
         first_byte = 0.0
         disconnected = asyncio.ensure_future(receive())  # resolves only with http.disconnect
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks(self.config.gateway.read_timeout_s):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if not first_byte:
                     first_byte = time.perf_counter()
                 if disconnected.done():
+                    # Returning before the body completes makes release() close the
+                    # connection, which is how the engine learns to abort the request.
                     logger.info("client went away mid-stream; closing the engine's stream")
-                    upstream.close()
                     return first_byte
-        except _UPSTREAM_FAILURES as exc:
+        except UpstreamBroken as exc:
             # Headers are out: the client sees the stream end early, which is all we can say.
-            logger.warning("engine stream broke after the first byte: %r", exc)
+            logger.warning("engine stream broke after the first byte: %s", exc)
         finally:
             disconnected.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})

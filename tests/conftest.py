@@ -5,21 +5,16 @@ simulator processes. Nothing here is mocked; the fixtures only choose small, fas
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from engines.launcher import free_port
+
 pytest_plugins = ["tests.simulator_fixtures"]
 
 MODEL = "test-model"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -27,16 +22,18 @@ def ray_cluster() -> Iterator[None]:
     """One local Ray cluster for the session, with the Serve settings ``rayfleet up`` uses."""
     import ray
 
-    from rayfleet.stack import SERVE_ENV
+    from rayfleet.stack import kill_haproxy, serve_environment
     from serve_apps.registry import NAMESPACE
 
-    os.environ.update(SERVE_ENV)
+    os.environ.update(serve_environment())
     ray.init(namespace=NAMESPACE, num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    node_id = ray.get_runtime_context().get_node_id()
     yield
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
+    kill_haproxy(node_id)
 
 
 @pytest.fixture(scope="session")

@@ -38,8 +38,14 @@ def pids_matching(fragment: str) -> set[int]:
     return found
 
 
+def user_env(home: Path) -> dict[str, str]:
+    """A user's shell: none of the Serve settings this test session gave its own cluster."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    return {**env, "RAYFLEET_HOME": str(home), "RAY_ADDRESS": ""}
+
+
 def test_up_status_stream_down_leaves_nothing_behind(tmp_path: Path) -> None:
-    env = {**os.environ, "RAYFLEET_HOME": str(tmp_path), "RAY_ADDRESS": ""}
+    env = user_env(tmp_path)
     port = free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "rayfleet.cli", "up", "--engines", "2", "--port", str(port), "--model", "demo"],
@@ -97,12 +103,16 @@ def test_up_status_stream_down_leaves_nothing_behind(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
     finally:
-        if up.poll() is None:
-            up.kill()
+        if up.poll() is None:  # a failed assertion: still tear the stack down properly
+            up.terminate()
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                up.kill()
 
 
 def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
-    env = {**os.environ, "RAYFLEET_HOME": str(tmp_path)}
+    env = user_env(tmp_path)
     result = cli("status", env=env)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "rayfleet up" in result.stderr
