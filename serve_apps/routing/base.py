@@ -40,6 +40,9 @@ class RoutingRequest:
     path: str
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    # Values derived from the request by strategies or indexes (token ids, block hashes),
+    # kept so that a request is tokenised and hashed at most once however many use them.
+    derived: dict[str, Any] = field(default_factory=dict)
     _prompt_text: str | None = None
 
     @property
