@@ -17,9 +17,11 @@ from serve_apps.engine_pool import EngineManager
 from serve_apps.gateway import GatewayApp
 from serve_apps.metrics import GatewayMetrics
 from serve_apps.registry import get_registry
+from serve_apps.routing.fallback import FALLBACKS
+from serve_apps.scraper import MetricsScraper
 from serve_apps.view import EndpointView
 
-IN_FLIGHT_PUBLISH_S = 1.0
+GAUGE_PUBLISH_S = 1.0
 
 
 @serve.deployment(
@@ -32,6 +34,7 @@ class Gateway:
 
     async def __init__(self, config: dict, engine_manager: DeploymentHandle | None = None) -> None:
         self._tasks: list[asyncio.Task] = []
+        self.scraper: MetricsScraper | None = None
         self.config = AppConfig.model_validate(config)
         # Bound into the ingress so Serve deploys the manager with the application; it is
         # never called on a request's path.
@@ -39,20 +42,27 @@ class Gateway:
         self.view = EndpointView()
         self.metrics = GatewayMetrics()
         self.gateway_app = GatewayApp(self.config, self.view, self.metrics)
+        # Engines' own load signals (KV usage, queue) for the strategies that use them.
+        self.scraper = MetricsScraper(self.view.endpoints)
+        self.scraper.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self.view.follow(get_registry)), loop.create_task(self._publish_in_flight())]
+        self._tasks = [loop.create_task(self.view.follow(get_registry)), loop.create_task(self._publish_gauges())]
 
     def __serve_build_asgi_app__(self) -> GatewayApp:
         return self.gateway_app
 
-    async def _publish_in_flight(self) -> None:
+    async def _publish_gauges(self) -> None:
+        """In-flight counts and routing fallbacks, on a timer rather than per request."""
         while True:
-            await asyncio.sleep(IN_FLIGHT_PUBLISH_S)
+            await asyncio.sleep(GAUGE_PUBLISH_S)
             self.metrics.publish_in_flight({e.name: e.in_flight for e in self.view.endpoints()})
+            self.metrics.publish_fallbacks(FALLBACKS.snapshot())
 
     async def __del__(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.scraper is not None:
+            await self.scraper.stop()
         await self.gateway_app.close()
 
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,8 +20,9 @@ from serve_apps.asgi import ClientDisconnected, Headers, Receive, Scope, Send, r
 from serve_apps.config import AppConfig
 from serve_apps.errors import GatewayError, wrap_upstream_error
 from serve_apps.metrics import GatewayMetrics
-from serve_apps.routing import EndpointState, RoutingRequest, build_strategies, strategy_names
+from serve_apps.routing import EndpointState, RequestHooks, RoutingRequest, build_strategies, strategy_names
 from serve_apps.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse, UpstreamUnavailable
+from serve_apps.usage import StreamUsage, Usage, usage_from_json
 from serve_apps.view import EndpointView
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,16 @@ logger = logging.getLogger(__name__)
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 WANTED_HEADERS = (b"routing-strategy", b"x-request-id", b"user", b"x-session-id")
 MAX_ATTEMPTS = 2  # a connection failure before any byte is retried once, on another endpoint
+
+
+@dataclass(slots=True)
+class Relayed:
+    """How one relayed response went: what the load signals and metrics need."""
+
+    status: int
+    first_byte: float  # perf_counter() when the first byte went to the client
+    usage: Usage
+    streamed: bool
 
 
 class GatewayApp:
@@ -41,6 +53,10 @@ class GatewayApp:
         self._strategy_names = {name: name.encode() for name in self.strategies}
         self._model_strategy = {m.name: m.default_strategy for m in config.models if m.default_strategy}
         self._pools: dict[str, UpstreamPool] = {}
+        # Strategies that learn from finished requests (vtc-basic's served tokens).
+        self._hooks: dict[str, RequestHooks] = {
+            name: strategy for name, strategy in self.strategies.items() if isinstance(strategy, RequestHooks)
+        }
 
     def _pool(self, url: str) -> UpstreamPool:
         pool = self._pools.get(url)
@@ -107,17 +123,45 @@ class GatewayApp:
             return
         except ClientDisconnected:
             return
-        strategy = self.strategies[strategy_name]
         route_headers = id_header + [(b"routing-strategy", self._strategy_names[strategy_name])]
-        path = scope["path"].encode()
+        hooks = self._hooks.get(strategy_name)
+        if hooks is not None:
+            hooks.on_request_start(request)
+        usage = Usage()
+        try:
+            usage = await self._route_and_relay(
+                request, strategy_name, candidates, body, stream, request_id, route_headers, started, receive, send
+            )
+        finally:
+            if hooks is not None:
+                hooks.on_request_finish(request, usage.prompt_tokens, usage.output_tokens)
+
+    async def _route_and_relay(
+        self,
+        request: RoutingRequest,
+        strategy_name: str,
+        candidates: list[EndpointState],
+        body: bytes,
+        stream: bool,
+        request_id: str,
+        route_headers: Headers,
+        started: float,
+        receive: Receive,
+        send: Send,
+    ) -> Usage:
+        """Pick an endpoint and relay; on a refused connection, once more elsewhere."""
+        strategy = self.strategies[strategy_name]
+        path = request.path.encode()
         request_id_bytes = request_id.encode()
         tried: list[EndpointState] = []
         for attempt in range(MAX_ATTEMPTS):
             endpoint = strategy.choose(request, candidates)
             tried.append(endpoint)
             endpoint.in_flight += 1
+            endpoint.stats.record_start(time.monotonic())
+            relayed: Relayed | None = None
             try:
-                status, first_byte = await self._relay(
+                relayed = await self._relay(
                     path, body, request_id_bytes, stream, endpoint,
                     route_headers + [(b"target-pod", endpoint.name.encode())], receive, send,
                 )  # fmt: skip
@@ -125,19 +169,34 @@ class GatewayApp:
                 # Nothing reached the client yet: try another endpoint once, then give up.
                 logger.warning("endpoint %s unreachable for %s: %r", endpoint.name, request_id, exc)
                 if self.metrics:
-                    self.metrics.record_error(model, "upstream_unreachable")
+                    self.metrics.record_error(request.model, "upstream_unreachable")
                 candidates = [c for c in candidates if c not in tried]
                 if attempt + 1 < MAX_ATTEMPTS and candidates:
                     continue
                 error = GatewayError(502, f"engine {endpoint.name} is unreachable: {exc!r}", code="upstream_unreachable")
                 await self._send_error(send, error, route_headers)
-                return
+                return Usage()
             finally:
                 endpoint.in_flight -= 1
+                self._record_finish(endpoint, relayed, started)
             if self.metrics:
                 now = time.perf_counter()
-                self.metrics.record(model, endpoint.name, strategy_name, status, first_byte - started, now - started)
+                self.metrics.record(
+                    request.model, endpoint.name, strategy_name, relayed.status, relayed.first_byte - started, now - started
+                )
+            return relayed.usage
+        raise AssertionError("unreachable: the last attempt returns")
+
+    @staticmethod
+    def _record_finish(endpoint: EndpointState, relayed: Relayed | None, started: float) -> None:
+        """Feed the endpoint's load signals; a failed attempt counts as busy time without tokens."""
+        elapsed = time.perf_counter() - started
+        if relayed is None or relayed.status != 200:
+            endpoint.stats.record_finish(time.monotonic(), 0, 0, None, elapsed)
             return
+        ttft = relayed.first_byte - started if relayed.streamed else None
+        usage = relayed.usage
+        endpoint.stats.record_finish(time.monotonic(), usage.prompt_tokens, usage.output_tokens, ttft, elapsed)
 
     def _parse(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[RoutingRequest, bool]:
         """Read the model and the stream flag; everything else stays opaque bytes."""
@@ -189,8 +248,8 @@ class GatewayApp:
         response_headers: Headers,
         receive: Receive,
         send: Send,
-    ) -> tuple[int, float]:
-        """Forward one request; returns the status and when the first byte went to the client.
+    ) -> Relayed:
+        """Forward one request and relay the answer.
 
         Raises ``UpstreamUnavailable`` only if nothing was sent to the client yet.
         """
@@ -200,22 +259,22 @@ class GatewayApp:
         try:
             await upstream.wait_headers(timeout_s)
             if upstream.status == 200 and stream and upstream.content_type.startswith(b"text/event-stream"):
-                return 200, await self._relay_stream(upstream, response_headers, receive, send)
+                return await self._relay_stream(upstream, response_headers, receive, send)
             try:
                 payload = await upstream.read(timeout_s)
             except UpstreamBroken as exc:
                 raise UpstreamUnavailable(str(exc)) from None  # nothing sent to the client yet
             if upstream.status != 200:
                 await send_response(send, upstream.status, wrap_upstream_error(upstream.status, payload), response_headers)
-            else:
-                await send_response(send, 200, payload, response_headers, content_type=upstream.content_type)
-            return upstream.status, time.perf_counter()
+                return Relayed(upstream.status, time.perf_counter(), Usage(), streamed=False)
+            await send_response(send, 200, payload, response_headers, content_type=upstream.content_type)
+            return Relayed(200, time.perf_counter(), usage_from_json(payload), streamed=False)
         finally:
             pool.release(connection, upstream)
 
     async def _relay_stream(
         self, upstream: UpstreamResponse, response_headers: Headers, receive: Receive, send: Send
-    ) -> float:
+    ) -> Relayed:
         """Relay SSE chunks as they arrive; stop (closing the engine's stream) if the client leaves."""
         await send(
             {
@@ -225,24 +284,26 @@ class GatewayApp:
             }
         )
         first_byte = 0.0
+        usage = StreamUsage()
         disconnected = asyncio.ensure_future(receive())  # resolves only with http.disconnect
         try:
             async for chunk in upstream.chunks(self.config.gateway.read_timeout_s):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if not first_byte:
                     first_byte = time.perf_counter()
+                usage.feed(chunk)
                 if disconnected.done():
                     # Returning before the body completes makes release() close the
                     # connection, which is how the engine learns to abort the request.
                     logger.info("client went away mid-stream; closing the engine's stream")
-                    return first_byte
+                    return Relayed(200, first_byte, usage.result(), streamed=True)
         except UpstreamBroken as exc:
             # Headers are out: the client sees the stream end early, which is all we can say.
             logger.warning("engine stream broke after the first byte: %s", exc)
         finally:
             disconnected.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return first_byte or time.perf_counter()
+        return Relayed(200, first_byte or time.perf_counter(), usage.result(), streamed=True)
 
     @staticmethod
     async def _send_error(send: Send, error: GatewayError, headers: Headers) -> None:

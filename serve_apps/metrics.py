@@ -37,6 +37,12 @@ class GatewayMetrics:
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=("model",),
         )
+        self.fallbacks = Counter(
+            "rayfleet_gateway_routing_fallbacks_total",
+            "Requests a strategy routed by least-request because its signal was missing or stale.",
+            tag_keys=("strategy", "reason"),
+        )
+        self._fallbacks_published: dict[tuple[str, str], int] = {}
         self.in_flight = Gauge(
             "rayfleet_gateway_in_flight_requests",
             "Requests this gateway replica has in flight to each endpoint.",
@@ -51,6 +57,14 @@ class GatewayMetrics:
 
     def record_error(self, model: str, reason: str) -> None:
         self.errors.inc(1, {"model": model or "-", "reason": reason})
+
+    def publish_fallbacks(self, totals: dict[tuple[str, str], int]) -> None:
+        """Turn the strategies' running totals into counter increments."""
+        for (strategy, reason), total in totals.items():
+            delta = total - self._fallbacks_published.get((strategy, reason), 0)
+            if delta > 0:
+                self.fallbacks.inc(delta, {"strategy": strategy, "reason": reason})
+                self._fallbacks_published[(strategy, reason)] = total
 
     def publish_in_flight(self, counts: dict[str, int]) -> None:
         for endpoint, count in counts.items():

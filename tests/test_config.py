@@ -67,7 +67,7 @@ def test_shipped_serve_config_validates_and_builds() -> None:
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
-        ({"gateway": {"default_strategy": "fastest"}}, "valid: least-request, random"),
+        ({"gateway": {"default_strategy": "fastest"}}, "valid: least-busy-time, least-kv-cache"),
         ({"models": [{"name": "a"}, {"name": "a"}]}, "model listed twice: a"),
         ({"models": [{"name": "a", "default_strategy": "nope"}]}, "unknown routing strategy"),
         ({"models": [{"name": "a", "pool": {"replicas": -1}}]}, "greater than or equal to 0"),
@@ -108,8 +108,11 @@ def test_random_is_uniform_and_seeded() -> None:
     assert len(picks) == 4 and min(picks.values()) > 60
 
 
-def test_strategy_names() -> None:
-    assert strategy_names() == ["least-request", "random"]
+def test_every_documented_strategy_is_registered() -> None:
+    assert strategy_names() == sorted([
+        "random", "least-request", "power-of-two", "throughput", "least-busy-time", "least-kv-cache",
+        "least-latency", "prefix-cache", "prefix-cache-and-load", "vtc-basic", "session-affinity",
+    ])  # fmt: skip
 
 
 def test_prompt_text_reads_messages_parts_and_prompts() -> None:

@@ -13,6 +13,7 @@ import urllib.request
 import openai
 import pytest
 
+from serve_apps.routing import strategy_names
 from tests.conftest import MODEL, deploy_app, free_port, pool_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -151,6 +152,16 @@ def test_strategy_header_selects_random_and_spreads_load(gateway: str) -> None:
         assert status == 200 and headers["routing-strategy"] == "random"
         pods[headers["target-pod"]] += 1
     assert len(pods) == 2 and min(pods.values()) >= 5
+
+
+@pytest.mark.parametrize("strategy", strategy_names())
+def test_every_strategy_is_selectable_by_header(gateway: str, strategy: str) -> None:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "pick"}], "max_tokens": 2}).encode()
+    headers = {"routing-strategy": strategy, "x-session-id": "s-1", "user": "alice"}
+    for _ in range(3):
+        status, response_headers, payload = post(f"{gateway}/v1/chat/completions", body, headers)
+        assert status == 200, payload
+        assert response_headers["routing-strategy"] == strategy
 
 
 def test_wrong_method_and_path(gateway: str) -> None:

@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import random
 
-from serve_apps.routing.base import EndpointState, RoutingRequest, RoutingStrategy
+from serve_apps.routing.base import EndpointState, RequestHooks, RoutingRequest, RoutingStrategy
+from serve_apps.routing.least_busy_time import LeastBusyTimeStrategy
+from serve_apps.routing.least_kv_cache import LeastKvCacheStrategy
+from serve_apps.routing.least_latency import LeastLatencyStrategy
 from serve_apps.routing.least_request import LeastRequestStrategy
+from serve_apps.routing.power_of_two import PowerOfTwoStrategy
+from serve_apps.routing.prefix_cache import PrefixCacheStrategy
+from serve_apps.routing.prefix_cache_and_load import PrefixCacheAndLoadStrategy
 from serve_apps.routing.random_choice import RandomStrategy
+from serve_apps.routing.session_affinity import SessionAffinityStrategy
+from serve_apps.routing.throughput import ThroughputStrategy
+from serve_apps.routing.vtc_basic import VtcBasicStrategy
 
 STRATEGY_CLASSES: dict[str, type] = {
-    cls.name: cls for cls in (RandomStrategy, LeastRequestStrategy)
+    cls.name: cls
+    for cls in (
+        RandomStrategy,
+        LeastRequestStrategy,
+        PowerOfTwoStrategy,
+        ThroughputStrategy,
+        LeastBusyTimeStrategy,
+        LeastKvCacheStrategy,
+        LeastLatencyStrategy,
+        PrefixCacheStrategy,
+        PrefixCacheAndLoadStrategy,
+        VtcBasicStrategy,
+        SessionAffinityStrategy,
+    )
 }
 
 
@@ -25,6 +47,7 @@ def build_strategies(seed: int | None = None) -> dict[str, RoutingStrategy]:
 
 __all__ = [
     "EndpointState",
+    "RequestHooks",
     "RoutingRequest",
     "RoutingStrategy",
     "build_strategies",

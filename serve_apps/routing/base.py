@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+
+from serve_apps.routing.signals import EngineMetrics, GatewayStats
 
 
 @dataclass(slots=True)
@@ -18,7 +20,9 @@ class EndpointState:
 
     ``in_flight`` counts this gateway replica's requests that the endpoint has not
     finished answering; the gateway keeps it exact (incremented when it routes, decremented
-    when the response ends, errors included).
+    when the response ends, errors included). ``engine_metrics`` is the latest scrape of the
+    engine's ``/metrics`` (None until the first one succeeds; readers check its age with
+    ``signals.fresh``); ``stats`` is what this gateway measured on its own requests.
     """
 
     name: str
@@ -26,6 +30,8 @@ class EndpointState:
     ready: bool = True
     labels: dict[str, str] = field(default_factory=dict)
     in_flight: int = 0
+    engine_metrics: EngineMetrics | None = None
+    stats: GatewayStats = field(default_factory=GatewayStats)
 
 
 @dataclass(slots=True)
@@ -85,6 +91,19 @@ class RoutingStrategy(Protocol):
     name: ClassVar[str]
 
     def choose(self, request: RoutingRequest, candidates: Sequence[EndpointState]) -> EndpointState: ...
+
+
+@runtime_checkable
+class RequestHooks(Protocol):
+    """Optional: a strategy that learns from what it routed (vtc-basic's served tokens).
+
+    The gateway calls ``on_request_start`` once per request the strategy routes, and
+    ``on_request_finish`` once when it ends, with the tokens served (zeros on failure).
+    """
+
+    def on_request_start(self, request: RoutingRequest) -> None: ...
+
+    def on_request_finish(self, request: RoutingRequest, prompt_tokens: int, output_tokens: int) -> None: ...
 
 
 def pick_uniform_minimum(

@@ -1,0 +1,73 @@
+"""``prefix-cache-and-load``: Preble-style trade of cache reuse against queueing.
+
+Signal: per candidate, the leading prompt blocks the ``PrefixIndex`` says it holds, and
+``in_flight`` as the load.
+
+Rule: each candidate's cost, in prefill tokens, is the prompt tokens it would still have to
+compute (total minus the cached prefix; the engine always computes at least the last
+token) plus ``in_flight × load_tokens_per_request``, the work already queued ahead. Only
+the ratio of the two terms matters, so prefill tokens are the unit and there is no
+separate prefill weight. When the best candidate's cached share of the prompt exceeds
+``exploit_threshold``, the choice is restricted to the candidates above that share that
+are not overloaded (the ``prefix-cache`` bound: ``in_flight > min_in_flight +
+imbalance_abs`` and ``in_flight > imbalance_ratio × mean_in_flight``); if all of them are
+overloaded, or no share is above it, every candidate competes on cost. Lowest cost wins,
+ties uniformly at random. The chosen endpoint is recorded in the index as holding the
+prompt's blocks.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import ClassVar, Sequence
+
+from serve_apps.routing._prefix_common import ImbalanceBound, match_prompt
+from serve_apps.routing.base import EndpointState, RoutingRequest, pick_uniform_minimum
+from serve_apps.routing.prefix_index import ApproximatePrefixIndex, PrefixIndex
+from serve_apps.routing.prompt_blocks import DEFAULT_BLOCK_SIZE, prompt_token_ids
+
+
+class PrefixCacheAndLoadStrategy:
+    name: ClassVar[str] = "prefix-cache-and-load"
+
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        index: PrefixIndex | None = None,
+        imbalance_abs: int = 8,
+        imbalance_ratio: float = 1.5,
+        exploit_threshold: float = 0.5,
+        load_tokens_per_request: float = 512.0,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        self._rng = rng or random.Random()
+        self.index: PrefixIndex = index if index is not None else ApproximatePrefixIndex()
+        self._bound = ImbalanceBound(imbalance_abs, imbalance_ratio)
+        self._exploit_threshold = exploit_threshold
+        self._load_tokens_per_request = load_tokens_per_request
+        self._block_size = block_size
+
+    def choose(self, request: RoutingRequest, candidates: Sequence[EndpointState]) -> EndpointState:
+        hashes, matched = match_prompt(self.index, request, candidates, self._block_size)
+        num_tokens = len(prompt_token_ids(request))
+        # The engine recomputes the last prompt token even on a full hit, so it is never cached.
+        max_cached = max(num_tokens - 1, 0)
+        cached = {name: min(blocks * self._block_size, max_cached) for name, blocks in matched.items()}
+        pool: Sequence[EndpointState] = candidates
+        if num_tokens and max(cached.values()) / num_tokens > self._exploit_threshold:
+            threshold = self._bound.threshold(candidates)
+            exploitable = [
+                candidate
+                for candidate in candidates
+                if cached[candidate.name] / num_tokens > self._exploit_threshold and candidate.in_flight <= threshold
+            ]
+            pool = exploitable or candidates
+        load_tokens = self._load_tokens_per_request
+
+        def cost(candidate: EndpointState) -> float:
+            return num_tokens - cached[candidate.name] + candidate.in_flight * load_tokens
+
+        chosen = pick_uniform_minimum(pool, cost, self._rng)
+        if hashes:
+            self.index.record(hashes, chosen.name)
+        return chosen
