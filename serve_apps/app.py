@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from engines.core.tokenizer import get_tokenizer
 from serve_apps.config import AppConfig
 from serve_apps.engine_pool import EngineManager
 from serve_apps.gateway import GatewayApp
@@ -42,6 +43,9 @@ class Gateway:
         self.view = EndpointView()
         self.metrics = GatewayMetrics()
         self.gateway_app = GatewayApp(self.config, self.view, self.metrics)
+        # The prefix strategies tokenise prompts; building the vocabulary takes ~0.3 s,
+        # which belongs to start-up, not to the first request that asks for them.
+        get_tokenizer()
         # Engines' own load signals (KV usage, queue) for the strategies that use them.
         self.scraper = MetricsScraper(self.view.endpoints)
         self.scraper.start()
