@@ -66,9 +66,6 @@ class EngineActor:
         await self.registry.deregister.remote(self.endpoint.name)
         await asyncio.to_thread(self.process.stop)
 
-    def pid(self) -> int | None:
-        return self.process.process.pid if self.process.alive() else None
-
 
 def engine_name(model: str, index: int) -> str:
     """A readable, DNS-safe endpoint name: ``llama-3-1-8b-instruct-0``."""
@@ -84,7 +81,7 @@ class EngineManager:
         self.config = AppConfig.model_validate(config)
         self.registry = get_registry()
         self.actors: dict[str, ray.actor.ActorHandle] = {}
-        self.errors: dict[str, str] = {}
+        self.errors: dict[str, str] = {}  # last start failure per engine, so each is logged once
         for model in self.config.models:
             self._create_pool(model)
         self._reconcile = asyncio.get_running_loop().create_task(self._reconcile_loop())
@@ -125,12 +122,6 @@ class EngineManager:
                 else:
                     self.errors.pop(name, None)
             await asyncio.sleep(RECONCILE_S)
-
-    async def status(self) -> dict:
-        """Pools as configured, with start errors; the registry says what is ready."""
-        return {
-            "engines": {name: {"error": self.errors.get(name)} for name in self.actors},
-        }
 
     async def __del__(self) -> None:
         self._reconcile.cancel()
