@@ -68,9 +68,9 @@ def _config() -> dict:
 
 def _measure(url: str, workload: Workload, concurrency: int, args: argparse.Namespace) -> BenchRow:
     target = loadgen.Target(base_url=url, model=MODEL, stream=args.stream, timeout_s=30.0)
+    if args.client == "wrk":  # wrk replays one fixed body
+        return _measure_wrk(loadgen.prepare(workload.spec(0), target), concurrency, args)
     prepared = [loadgen.prepare(workload.spec(i), target) for i in range(256)]
-    if args.client == "wrk":
-        return _measure_wrk(prepared[0], concurrency, args)
     records = loadgen.run(
         loadgen.run_closed_loop(lambda i: prepared[i % len(prepared)], concurrency, 30.0, duration_s=args.duration)
     )

@@ -310,19 +310,26 @@ def kill_haproxy(node_id: str) -> None:
     Serve keeps each node's HAProxy files under a directory named after the node id,
     which is how ours are told apart from any other cluster's.
     """
-    marker = f"/haproxy-serve/{node_id}/".encode()
+    for pid in pids_matching("haproxy", f"/haproxy-serve/{node_id}/"):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def pids_matching(*fragments: str) -> set[int]:
+    """PIDs whose command line (arguments joined by spaces) contains every fragment."""
+    found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if b"haproxy" in cmdline and marker in cmdline:
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if all(fragment in cmdline for fragment in fragments):
+            found.add(int(entry.name))
+    return found
 
 
 def down(timeout_s: float = 90.0) -> int:

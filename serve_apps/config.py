@@ -7,10 +7,14 @@ directly. Validation errors therefore read the same everywhere.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from engines.config import EngineConfig, EngineKind
-from serve_apps.routing import strategy_names
+from serve_apps.routing import known_strategy
+
+StrategyName = Annotated[str, AfterValidator(known_strategy)]
 
 
 class PoolConfig(BaseModel):
@@ -32,14 +36,7 @@ class ModelConfig(BaseModel):
     name: str
     pool: PoolConfig | None = None
     static_endpoints: list[str] = Field(default_factory=list, description="URLs of engines started elsewhere")
-    default_strategy: str | None = None
-
-    @field_validator("default_strategy")
-    @classmethod
-    def _known_strategy(cls, value: str | None) -> str | None:
-        if value is not None and value not in strategy_names():
-            raise ValueError(f"unknown routing strategy {value!r}; valid: {', '.join(strategy_names())}")
-        return value
+    default_strategy: StrategyName | None = None
 
     @model_validator(mode="after")
     def _pool_serves_this_model(self) -> ModelConfig:
@@ -59,19 +56,12 @@ class GatewayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    default_strategy: str = "least-request"
+    default_strategy: StrategyName = "least-request"
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(4096, ge=1)
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence allowed from an engine mid-response")
     seed: int | None = None
-
-    @field_validator("default_strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        if value not in strategy_names():
-            raise ValueError(f"unknown routing strategy {value!r}; valid: {', '.join(strategy_names())}")
-        return value
 
 
 class AppConfig(BaseModel):
@@ -89,9 +79,3 @@ class AppConfig(BaseModel):
         if duplicates:
             raise ValueError(f"model listed twice: {', '.join(duplicates)}")
         return self
-
-    def default_strategy_for(self, model: str) -> str:
-        for m in self.models:
-            if m.name == model and m.default_strategy:
-                return m.default_strategy
-        return self.gateway.default_strategy

@@ -20,7 +20,7 @@ from serve_apps.asgi import ClientDisconnected, Headers, Receive, Scope, Send, r
 from serve_apps.config import AppConfig
 from serve_apps.errors import GatewayError, wrap_upstream_error
 from serve_apps.metrics import GatewayMetrics
-from serve_apps.routing import EndpointState, RequestHooks, RoutingRequest, build_strategies, strategy_names
+from serve_apps.routing import EndpointState, RequestHooks, RoutingRequest, build_strategies, unknown_strategy_message
 from serve_apps.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse, UpstreamUnavailable
 from serve_apps.usage import StreamUsage, Usage, usage_from_json
 from serve_apps.view import EndpointView
@@ -223,11 +223,7 @@ class GatewayApp:
         name = request.headers.get("routing-strategy") or self._model_strategy.get(request.model)
         name = name or self.config.gateway.default_strategy
         if name not in self.strategies:
-            raise GatewayError(
-                400,
-                f"unknown routing strategy {name!r}; valid strategies: {', '.join(strategy_names())}",
-                code="invalid_routing_strategy",
-            )
+            raise GatewayError(400, unknown_strategy_message(name), code="invalid_routing_strategy")
         return name
 
     def _candidates(self, model: str) -> list[EndpointState]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from rayfleet.stack import pids_matching
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -23,19 +24,6 @@ def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Com
     return subprocess.run(
         [sys.executable, "-m", "rayfleet.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
-
-
-def pids_matching(fragment: str) -> set[int]:
-    """PIDs whose command line contains ``fragment`` (read from /proc, no extra tools)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if fragment in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.add(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def user_env(home: Path) -> dict[str, str]:

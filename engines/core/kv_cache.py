@@ -100,10 +100,6 @@ class KVCacheManager:
         self._events: list[KVEvent] | None = [] if record_events else None
 
     @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
     def usage(self) -> float:
         """Fraction of blocks held by requests; free cached blocks count as free, like vLLM."""
         return 1.0 - len(self._free) / self.num_blocks

@@ -39,6 +39,18 @@ def strategy_names() -> list[str]:
     return sorted(STRATEGY_CLASSES)
 
 
+def unknown_strategy_message(name: str) -> str:
+    """The one wording of this mistake, for config files and request headers alike."""
+    return f"unknown routing strategy {name!r}; valid: {', '.join(strategy_names())}"
+
+
+def known_strategy(name: str) -> str:
+    """A pydantic validator: the name of a registered strategy, or a clear ValueError."""
+    if name not in STRATEGY_CLASSES:
+        raise ValueError(unknown_strategy_message(name))
+    return name
+
+
 def build_strategies(seed: int | None = None) -> dict[str, RoutingStrategy]:
     """One instance of every strategy, sharing one random source (seeded for replays)."""
     rng = random.Random(seed)
@@ -51,6 +63,8 @@ __all__ = [
     "RoutingRequest",
     "RoutingStrategy",
     "build_strategies",
+    "known_strategy",
     "strategy_names",
+    "unknown_strategy_message",
     "STRATEGY_CLASSES",
 ]
