@@ -47,7 +47,7 @@ class Gateway:
         # which belongs to start-up, not to the first request that asks for them.
         get_tokenizer()
         # Engines' own load signals (KV usage, queue) for the strategies that use them.
-        self.scraper = MetricsScraper(self.view.endpoints)
+        self.scraper = MetricsScraper(self.view.endpoints, interval_s=self.config.gateway.scrape_interval_s)
         self.scraper.start()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.view.follow(get_registry)), loop.create_task(self._publish_gauges())]

@@ -7,12 +7,12 @@ directly. Validation errors therefore read the same everywhere.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engines.config import EngineConfig, EngineKind
-from serve_apps.routing import known_strategy
+from serve_apps.routing import known_strategy, options_model
 
 StrategyName = Annotated[str, AfterValidator(known_strategy)]
 
@@ -62,6 +62,30 @@ class GatewayConfig(BaseModel):
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence allowed from an engine mid-response")
     seed: int | None = None
+    scrape_interval_s: float = Field(0.5, gt=0, le=60, description="how often each engine's /metrics is read")
+    strategy_options: dict[StrategyName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per strategy, its tuning knobs, e.g. {'prefix-cache': {'imbalance_abs': 4}}",
+    )
+
+    @field_validator("strategy_options")
+    @classmethod
+    def _options_fit_their_strategy(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, options in value.items():
+            try:
+                options_model(name).model_validate(options)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                known = ", ".join(options_model(name).model_fields) or "none"
+                raise ValueError(f"{name}: {problems} (its options: {known})") from None
+        return value
+
+    def routing_options(self) -> dict[str, dict[str, Any]]:
+        """Strategy options as the gateway builds them: signal ages follow the scrape
+        interval (four missed scrapes make a metric stale) unless set explicitly."""
+        defaults = {"least-kv-cache": {"max_age_s": 4 * self.scrape_interval_s}}
+        return {name: {**defaults.get(name, {}), **self.strategy_options.get(name, {})}
+                for name in {*defaults, *self.strategy_options}}  # fmt: skip
 
 
 class AppConfig(BaseModel):

@@ -49,7 +49,7 @@ class GatewayApp:
         self.config = config
         self.view = view
         self.metrics = metrics
-        self.strategies = build_strategies(config.gateway.seed)
+        self.strategies = build_strategies(config.gateway.seed, config.gateway.routing_options())
         self._strategy_names = {name: name.encode() for name in self.strategies}
         self._model_strategy = {m.name: m.default_strategy for m in config.models if m.default_strategy}
         self._pools: dict[str, UpstreamPool] = {}
@@ -157,8 +157,7 @@ class GatewayApp:
         for attempt in range(MAX_ATTEMPTS):
             endpoint = strategy.choose(request, candidates)
             tried.append(endpoint)
-            endpoint.in_flight += 1
-            endpoint.stats.record_start(time.monotonic())
+            endpoint.on_dispatch(time.monotonic())
             relayed: Relayed | None = None
             try:
                 relayed = await self._relay(
@@ -177,7 +176,6 @@ class GatewayApp:
                 await self._send_error(send, error, route_headers)
                 return Usage()
             finally:
-                endpoint.in_flight -= 1
                 self._record_finish(endpoint, relayed, started)
             if self.metrics:
                 now = time.perf_counter()
@@ -192,11 +190,11 @@ class GatewayApp:
         """Feed the endpoint's load signals; a failed attempt counts as busy time without tokens."""
         elapsed = time.perf_counter() - started
         if relayed is None or relayed.status != 200:
-            endpoint.stats.record_finish(time.monotonic(), 0, 0, None, elapsed)
+            endpoint.on_finish(time.monotonic(), 0, 0, None, elapsed)
             return
         ttft = relayed.first_byte - started if relayed.streamed else None
         usage = relayed.usage
-        endpoint.stats.record_finish(time.monotonic(), usage.prompt_tokens, usage.output_tokens, ttft, elapsed)
+        endpoint.on_finish(time.monotonic(), usage.prompt_tokens, usage.output_tokens, ttft, elapsed)
 
     def _parse(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[RoutingRequest, bool]:
         """Read the model and the stream flag; everything else stays opaque bytes."""

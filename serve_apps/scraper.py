@@ -144,4 +144,4 @@ class MetricsScraper:
             return
         metrics = parse_vllm_metrics(text, self._model, time.monotonic())
         if metrics is not None:
-            endpoint.engine_metrics = metrics
+            endpoint.on_scrape(metrics)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import ray
 
 from serve_apps.endpoints import RegistrySnapshot
 from serve_apps.routing import EndpointState

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,9 @@ from engines.launcher import free_port
 pytest_plugins = ["tests.simulator_fixtures"]
 
 MODEL = "test-model"
+# The shared workload traces sit next to the repository (``../shared``); checks that need
+# them are skipped on a clone without them.
+SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +33,8 @@ def ray_cluster() -> Iterator[None]:
     ray.init(namespace=NAMESPACE, num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     node_id = ray.get_runtime_context().get_node_id()
     yield
-    from ray import serve
-
-    serve.shutdown()
+    # No serve.shutdown(): it waits 30 s for the controller to drain before giving up, and
+    # ending the cluster stops every actor anyway; only Serve's HAProxy outlives it.
     ray.shutdown()
     kill_haproxy(node_id)
 

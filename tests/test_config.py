@@ -73,12 +73,29 @@ def test_shipped_serve_config_validates_and_builds() -> None:
         ({"models": [{"name": "a", "pool": {"replicas": -1}}]}, "greater than or equal to 0"),
         ({"models": [{"name": "a", "pool": {"engine_config": {"served_model_name": "b"}}}]}, "serves 'b'"),
         ({"gatway": {}}, "Extra inputs are not permitted"),
+        ({"gateway": {"strategy_options": {"prefix-cache": {"imbalance_abz": 2}}}}, "its options: imbalance_abs"),
+        ({"gateway": {"strategy_options": {"prefix-cache": {"imbalance_abs": "many"}}}}, "imbalance_abs: Input should"),
+        ({"gateway": {"strategy_options": {"quickest": {}}}}, "unknown routing strategy 'quickest'"),
+        ({"gateway": {"scrape_interval_s": 0}}, "greater than 0"),
     ],
 )
 def test_bad_app_configs_are_rejected_with_the_reason(raw: dict, fragment: str) -> None:
     with pytest.raises(ValidationError) as info:
         AppConfig.model_validate(raw)
     assert fragment in str(info.value)
+
+
+def test_strategy_options_reach_the_strategies() -> None:
+    """Options are the constructors' own knobs; signal ages follow the scrape interval."""
+    from serve_apps.routing import build_strategies
+
+    gateway = AppConfig.model_validate(
+        {"gateway": {"scrape_interval_s": 0.25, "strategy_options": {"prefix-cache": {"imbalance_abs": 2}}}}
+    ).gateway
+    strategies = build_strategies(0, gateway.routing_options())
+    assert strategies["prefix-cache"]._bound.absolute == 2
+    assert strategies["prefix-cache-and-load"]._bound.absolute == 8  # untouched: the default
+    assert strategies["least-kv-cache"]._max_age_s == 1.0
 
 
 def test_pool_engines_answer_to_the_model_name() -> None:

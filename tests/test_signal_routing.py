@@ -98,6 +98,29 @@ def test_least_kv_cache_picks_lowest_fresh_usage_ties_uniform() -> None:
     assert counter.snapshot() == {}
 
 
+def test_least_kv_cache_spreads_a_burst_between_scrapes_even_from_two_replicas() -> None:
+    """Between two scrapes the usage is projected from this replica's own sends, so a
+    burst fills endpoints in proportion to their headroom instead of all landing on the
+    one that looked emptiest; two replicas reading the same scrape each do so."""
+    replicas = []
+    for seed in (4, 5):
+        candidates = endpoints(4)
+        for endpoint, kv in zip(candidates, (0.10, 0.12, 0.30, 0.50)):
+            endpoint.on_scrape(EngineMetrics(NOW, num_requests_running=10, num_requests_waiting=0, kv_cache_usage=kv))
+        replicas.append((LeastKvCacheStrategy(rng=random.Random(seed), clock=lambda: NOW), candidates))
+    burst: Counter[str] = Counter()
+    for _ in range(12):
+        for strategy, candidates in replicas:
+            chosen = strategy.choose(request(), candidates)
+            chosen.on_dispatch(NOW)
+            burst[chosen.name] += 1
+    # Each send adds a tenth of the endpoint's usage (10 running): e0 and e1 level out and
+    # share the burst; e2 and e3 stay well above them. Without projection e0 would take all 24.
+    assert set(burst) == {"e0", "e1"} and min(burst.values()) >= 8
+    candidates[0].on_scrape(metrics(0.2))
+    assert candidates[0].dispatched_since_scrape == 0
+
+
 @pytest.mark.parametrize(
     ("scrape", "reason"), [(None, "no-metrics"), (metrics(0.0, scraped_at=NOW - 5), "stale-metrics")]
 )

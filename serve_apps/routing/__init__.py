@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import random
+import time
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
 
 from serve_apps.routing.base import EndpointState, RequestHooks, RoutingRequest, RoutingStrategy
 from serve_apps.routing.least_busy_time import LeastBusyTimeStrategy
@@ -51,10 +59,47 @@ def known_strategy(name: str) -> str:
     return name
 
 
-def build_strategies(seed: int | None = None) -> dict[str, RoutingStrategy]:
+# Constructor parameters that the gateway wires itself; everything else is a user option.
+_WIRED_PARAMETERS = frozenset({"self", "rng", "clock", "fallbacks", "index"})
+
+
+@functools.cache
+def options_model(name: str) -> type[BaseModel]:
+    """A pydantic model of the options strategy ``name`` accepts (its constructor's
+    keyword parameters, typed and defaulted as there), so a config typo or a wrong type is
+    a validation error at deploy time, never a failure on a request."""
+    cls = STRATEGY_CLASSES[name]
+    hints = typing.get_type_hints(cls.__init__)
+    fields: dict[str, Any] = {
+        parameter.name: (hints[parameter.name], parameter.default)
+        for parameter in inspect.signature(cls).parameters.values()
+        if parameter.name not in _WIRED_PARAMETERS
+    }
+    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def build_strategy(
+    name: str,
+    rng: random.Random,
+    clock: Callable[[], float] = time.monotonic,
+    options: Mapping[str, Any] | None = None,
+) -> RoutingStrategy:
+    """One strategy by name, with its validated ``options``; those that age their signals
+    read time from ``clock`` (the discrete-event benchmarks pass their virtual clock)."""
+    cls = STRATEGY_CLASSES[name]
+    kwargs: dict[str, Any] = options_model(name).model_validate(options or {}).model_dump(exclude_unset=True)
+    if "clock" in inspect.signature(cls).parameters:
+        kwargs["clock"] = clock
+    return cls(rng=rng, **kwargs)
+
+
+def build_strategies(
+    seed: int | None = None, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, RoutingStrategy]:
     """One instance of every strategy, sharing one random source (seeded for replays)."""
     rng = random.Random(seed)
-    return {name: cls(rng=rng) for name, cls in STRATEGY_CLASSES.items()}
+    options = options or {}
+    return {name: build_strategy(name, rng, options=options.get(name)) for name in STRATEGY_CLASSES}
 
 
 __all__ = [
@@ -63,6 +108,8 @@ __all__ = [
     "RoutingRequest",
     "RoutingStrategy",
     "build_strategies",
+    "build_strategy",
+    "options_model",
     "known_strategy",
     "strategy_names",
     "unknown_strategy_message",

@@ -32,6 +32,27 @@ class EndpointState:
     in_flight: int = 0
     engine_metrics: EngineMetrics | None = None
     stats: GatewayStats = field(default_factory=GatewayStats)
+    # Requests this replica sent since ``engine_metrics`` was scraped: the scrape cannot
+    # show them yet, so metric-driven strategies add them to it (see least-kv-cache).
+    dispatched_since_scrape: int = 0
+
+    def on_dispatch(self, now: float) -> None:
+        """A request was sent here."""
+        self.in_flight += 1
+        self.dispatched_since_scrape += 1
+        self.stats.record_start(now)
+
+    def on_finish(
+        self, now: float, prompt_tokens: int, output_tokens: int, ttft_s: float | None, e2e_s: float
+    ) -> None:
+        """A request sent here ended (failures too: pass zero tokens and no TTFT)."""
+        self.in_flight -= 1
+        self.stats.record_finish(now, prompt_tokens, output_tokens, ttft_s, e2e_s)
+
+    def on_scrape(self, metrics: EngineMetrics) -> None:
+        """A fresh scrape now accounts for everything dispatched before it."""
+        self.engine_metrics = metrics
+        self.dispatched_since_scrape = 0
 
 
 @dataclass(slots=True)
