@@ -17,6 +17,7 @@ BENCHMARKS: tuple[str, ...] = (
     "bench.serve_bench",
     "bench.client_ceiling",
     "bench.overhead",
+    "bench.routing",
 )
 
 

@@ -22,8 +22,8 @@ import uvloop
 
 from bench.stats import RequestRecord
 from bench.workloads import RequestSpec
+from serve_apps.routing.session_affinity import SESSION_HEADER
 
-SESSION_HEADER = "x-session-id"
 _ERROR_TEXT_LIMIT = 300
 _T = TypeVar("_T")
 
@@ -64,6 +64,8 @@ def prepare(spec: RequestSpec, target: Target) -> PreparedRequest:
         body["ignore_eos"] = True
     if spec.user is not None:
         body["user"] = spec.user
+    if spec.seed is not None:
+        body["seed"] = spec.seed
     if target.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

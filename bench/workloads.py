@@ -45,6 +45,7 @@ class RequestSpec:
     headers: dict[str, str] = field(default_factory=dict)
     user: str | None = None
     session: str | None = None
+    seed: int | None = None  # sampling seed: the simulator's answer is then a function of it
 
 
 @dataclass(frozen=True, slots=True)

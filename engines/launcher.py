@@ -36,8 +36,34 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: if the actor dies (even by SIGKILL), so does the engine."""
+    """Runs in the child before exec: if the parent dies (even by SIGKILL), so does the child."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn_child(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a helper process (an engine, a peer router) that logs to ``log_path``, runs in
+    its own session (a Ctrl-C aimed at us is ours to handle) and dies with its parent."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+            env=os.environ.copy(),
+        )
+
+
+def stop_child(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``: the child gets a chance to finish cleanly."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def log_dir() -> Path:
@@ -78,16 +104,7 @@ class EngineProcess:
             return
         command = self.config.command(self.kind)
         logger.info("starting engine %s: %s", self.name, " ".join(command))
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-                start_new_session=True,
-                env=os.environ.copy(),
-            )
+        self.process = spawn_child(command, self.log_path)
         await self._wait_healthy(START_TIMEOUT_S[self.kind])
 
     async def _wait_healthy(self, timeout_s: float) -> None:
@@ -109,13 +126,6 @@ class EngineProcess:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``grace_s``: the engine gets a chance to finish cleanly."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_child(self.process, grace_s)
         self.process = None

@@ -63,8 +63,13 @@ class StackState(BaseModel):
     node_id: str
 
 
+def rayfleet_home() -> Path:
+    """Where rayfleet keeps its state: ``$RAYFLEET_HOME``, else ``~/.rayfleet``."""
+    return Path(os.environ.get("RAYFLEET_HOME", Path.home() / ".rayfleet"))
+
+
 def state_path() -> Path:
-    return Path(os.environ.get("RAYFLEET_HOME", Path.home() / ".rayfleet")) / "up.json"
+    return rayfleet_home() / "up.json"
 
 
 def read_state() -> StackState | None:

@@ -34,9 +34,9 @@ from bench.workloads import (
     offered_rate,
 )
 from engines.core.tokenizer import get_tokenizer
+from tests.conftest import SHARED_TRACES as TRACES
 from tests.simulator_fixtures import DEFAULT_MODEL, SimulatorProcess
 
-TRACES = Path("/work/shared/data/traces")
 
 # ---------------------------------------------------------------- arrivals
 
