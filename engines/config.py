@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvcache.hashing import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED, HASH_ALGOS, HashAlgo
+
 EngineKind = Literal["sim", "vllm"]
 
 
@@ -59,8 +61,14 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(8192, ge=1)
     block_size: int = Field(16, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    num_gpu_blocks_override: int | None = Field(None, ge=1)  # replaces the memory-derived KV block count
     max_model_len: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: HashAlgo = DEFAULT_HASH_ALGO
+    # PYTHONHASHSEED of the engine process, not a flag: vLLM roots every block hash chain in
+    # it, so engines (and the gateway) agree on hashes only when they share it. None leaves
+    # the launcher's environment alone; unset there, vLLM draws a random root per process.
+    hash_seed: str | None = DEFAULT_HASH_SEED
     enable_lora: bool = False
     max_loras: int = Field(1, ge=1)
     max_lora_rank: int = Field(16, ge=1)
@@ -78,6 +86,10 @@ class EngineConfig(BaseModel):
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def environment(self) -> dict[str, str]:
+        """Variables the engine process needs on top of the launcher's environment."""
+        return {"PYTHONHASHSEED": self.hash_seed} if self.hash_seed is not None else {}
+
     def vllm_args(self) -> list[str]:
         """vLLM's flags for this config, in the exact spelling of ``vllm serve --help``."""
         args = [
@@ -91,9 +103,12 @@ class EngineConfig(BaseModel):
         ]  # fmt: skip
         if self.served_model_name:
             args += ["--served-model-name", self.served_model_name]
+        if self.num_gpu_blocks_override:
+            args += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
         args.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
+        args += ["--prefix-caching-hash-algo", self.prefix_caching_hash_algo]
         if self.enable_lora:
             args += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
         for module in self.lora_modules:
@@ -139,10 +154,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, simulator: bool) -> No
     parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
     parser.add_argument("--block-size", type=int, default=defaults.block_size)
     parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=defaults.enable_prefix_caching
     )
+    parser.add_argument("--prefix-caching-hash-algo", choices=HASH_ALGOS, default=defaults.prefix_caching_hash_algo)
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--max-loras", type=int, default=defaults.max_loras)
     parser.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
@@ -177,8 +194,10 @@ def config_from_args(ns: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size,
         gpu_memory_utilization=ns.gpu_memory_utilization,
+        num_gpu_blocks_override=ns.num_gpu_blocks_override,
         max_model_len=ns.max_model_len,
         enable_prefix_caching=ns.enable_prefix_caching,
+        prefix_caching_hash_algo=ns.prefix_caching_hash_algo,
         enable_lora=ns.enable_lora,
         max_loras=ns.max_loras,
         max_lora_rank=ns.max_lora_rank,

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -40,9 +41,10 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def spawn_child(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_child(command: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a helper process (an engine, a peer router) that logs to ``log_path``, runs in
-    its own session (a Ctrl-C aimed at us is ours to handle) and dies with its parent."""
+    its own session (a Ctrl-C aimed at us is ours to handle) and dies with its parent.
+    ``env`` is added to (or overrides) our own environment."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             command,
@@ -51,7 +53,7 @@ def spawn_child(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
             start_new_session=True,
-            env=os.environ.copy(),
+            env={**os.environ, **(env or {})},
         )
 
 
@@ -104,7 +106,7 @@ class EngineProcess:
             return
         command = self.config.command(self.kind)
         logger.info("starting engine %s: %s", self.name, " ".join(command))
-        self.process = spawn_child(command, self.log_path)
+        self.process = spawn_child(command, self.log_path, self.config.environment())
         await self._wait_healthy(START_TIMEOUT_S[self.kind])
 
     async def _wait_healthy(self, timeout_s: float) -> None:

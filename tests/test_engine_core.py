@@ -8,11 +8,12 @@ import statistics
 import pytest
 
 from engines.core.engine import EngineCore, EngineCoreConfig
-from engines.core.kv_cache import AllBlocksCleared, BlockRemoved, BlockStored
 from engines.core.latency import StepShape, step_ms
 from engines.core.profiles import get_gpu_profile
 from engines.core.tokenizer import NUM_WORD_TOKENS
 from engines.core.types import EngineRequest, FinishReason, RequestOutput, SamplingSpec, StepResult
+from kvcache.hashing import BlockHasher, lora_extra_keys
+from rayfleet.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 MAX_STEPS = 20_000
 
@@ -233,7 +234,8 @@ def test_kv_events_for_store_decode_fill_lora_and_reset() -> None:
     run(engine)
     stored = [event for event in events if isinstance(event, BlockStored)]
     first, filled = stored[0], stored[-1]
-    assert (first.parent_block_hash, first.block_size, first.lora_id) == (None, 16, None)
+    assert (first.parent_block_hash, first.block_size, first.lora_id, first.lora_name) == (None, 16, None, None)
+    assert (first.extra_keys, first.group_idx, first.kv_cache_spec_kind) == ([None, None], 0, "full_attention")
     assert first.token_ids == prompt[:32] and len(first.block_hashes) == 2
     # The decode that completes the third block (token 48) caches it, chained to the second.
     assert filled.parent_block_hash == first.block_hashes[-1] and len(filled.block_hashes) == 1
@@ -247,23 +249,38 @@ def test_lora_blocks_do_not_match_base_model_blocks() -> None:
     engine = EngineCore(EngineCoreConfig(gpu="instant"), kv_event_sink=events.extend)
     prompt = tokens(40, 60)
     engine.add_request(request("base", prompt))
-    engine.add_request(EngineRequest("lora", prompt, SamplingSpec(max_tokens=8, ignore_eos=True), lora_id=1))
+    sampling = SamplingSpec(max_tokens=8, ignore_eos=True)
+    engine.add_request(EngineRequest("lora", prompt, sampling, lora_id=1, lora_name="sql"))
     result = engine.step()
     assert [output.num_cached_tokens for output in result.outputs] == [0, 0]
     stored = [event for event in events if isinstance(event, BlockStored)]
-    assert [event.lora_id for event in stored] == [None, 1]
+    assert [(event.lora_id, event.lora_name) for event in stored] == [(None, None), (1, "sql")]
+    assert stored[1].extra_keys == [("sql",), ("sql",)]
     assert set(stored[0].block_hashes).isdisjoint(stored[1].block_hashes)
+    # vLLM keys adapter blocks by name: a gateway that knows the name computes the same hashes.
+    assert stored[1].block_hashes == BlockHasher().chain(prompt, lora_extra_keys("sql"))
+    with pytest.raises(ValueError, match="both lora_id and lora_name"):
+        engine.add_request(EngineRequest("half", prompt, sampling, lora_id=2))
 
 
-def test_block_hashes_agree_across_engines() -> None:
-    hashes = []
-    for gpu, seed in (("h100", 0), ("l40s", 1)):
-        events: list[object] = []
-        engine = EngineCore(EngineCoreConfig(gpu=gpu, seed=seed), kv_event_sink=events.extend)
-        engine.add_request(request("q", tokens(64, 70), max_tokens=1))
-        run(engine)
-        hashes.append([h for event in events if isinstance(event, BlockStored) for h in event.block_hashes])
-    assert hashes[0] == hashes[1] and len(hashes[0]) == 4
+def stored_hashes(config: EngineCoreConfig, prompt: list[int]) -> list[int]:
+    events: list[object] = []
+    engine = EngineCore(config, kv_event_sink=events.extend)
+    engine.add_request(request("q", prompt, max_tokens=1))
+    run(engine)
+    return [h for event in events if isinstance(event, BlockStored) for h in event.block_hashes]
+
+
+def test_block_hashes_agree_across_engines_with_the_same_algorithm_and_seed() -> None:
+    prompt = tokens(64, 70)
+    h100 = stored_hashes(EngineCoreConfig(gpu="h100", seed=0), prompt)
+    assert stored_hashes(EngineCoreConfig(gpu="l40s", seed=1), prompt) == h100 and len(h100) == 4
+    assert h100 == BlockHasher("sha256", "0").chain(prompt)
+    cbor = stored_hashes(EngineCoreConfig(prefix_caching_hash_algo="sha256_cbor", hash_seed="7"), prompt)
+    assert cbor == BlockHasher("sha256_cbor", "7").chain(prompt) and set(cbor).isdisjoint(h100)
+    # Without a seed each engine draws its own root, as vLLM does without PYTHONHASHSEED.
+    unseeded = [stored_hashes(EngineCoreConfig(hash_seed=None), prompt) for _ in range(2)]
+    assert set(unseeded[0]).isdisjoint(unseeded[1])
 
 
 def test_without_prefix_caching_nothing_is_shared_or_counted() -> None:

@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 
 from engines.core.engine import EngineCore, EngineCoreConfig
-from engines.core.kv_cache import BlockStored
 from engines.core.tokenizer import NUM_WORD_TOKENS, get_tokenizer
 from engines.simulator.requests import RequestBuilder
+from kvcache.hashing import BlockHasher
+from rayfleet.protocol.kv_events import BlockStored
 from rayfleet.protocol.openai import ChatCompletionRequest, CompletionRequest
+from serve_apps.routing import build_strategy, options_model
 from serve_apps.routing.base import EndpointState, RoutingRequest
 from serve_apps.routing.prefix_cache import PrefixCacheStrategy
 from serve_apps.routing.prefix_cache_and_load import PrefixCacheAndLoadStrategy
@@ -42,7 +44,7 @@ def fleet(*loads: int) -> list[EndpointState]:
     return [EndpointState(f"e{i}", f"http://e{i}", in_flight=load) for i, load in enumerate(loads)]
 
 
-def engine_block_hashes(request: RoutingRequest) -> tuple[list[int], list[int]]:
+def engine_block_hashes(request: RoutingRequest, config: EngineCoreConfig) -> tuple[list[int], list[int]]:
     """The simulator's own prompt ids for the body, and the hashes its KV cache stores for them."""
     builder = RequestBuilder(get_tokenizer(), MAX_MODEL_LEN, "m")
     if "messages" in request.body:
@@ -54,7 +56,7 @@ def engine_block_hashes(request: RoutingRequest) -> tuple[list[int], list[int]]:
     def sink(events: list[object]) -> None:
         stored.extend(h for event in events if isinstance(event, BlockStored) for h in event.block_hashes)
 
-    engine = EngineCore(EngineCoreConfig(num_gpu_blocks=1024, max_model_len=MAX_MODEL_LEN), kv_event_sink=sink)
+    engine = EngineCore(config, kv_event_sink=sink)
     engine.add_request(prepared.engine_request)
     while engine.has_unfinished_requests():
         engine.step()
@@ -86,18 +88,43 @@ def engine_block_hashes(request: RoutingRequest) -> tuple[list[int], list[int]]:
 )
 def test_prompt_ids_and_block_hashes_equal_the_engines(request_factory: Any) -> None:
     request = request_factory()
-    engine_ids, engine_hashes = engine_block_hashes(request)
+    config = EngineCoreConfig(num_gpu_blocks=1024, max_model_len=MAX_MODEL_LEN)
+    engine_ids, engine_hashes = engine_block_hashes(request, config)
     assert prompt_token_ids(request) == engine_ids
     assert len(engine_hashes) == len(engine_ids) // 16 > 0
-    assert block_hashes(request) == engine_hashes
+    # The strategies' defaults hash as an engine with vLLM's defaults and rayfleet's seed.
+    assert block_hashes(request, PrefixCacheStrategy().hasher) == engine_hashes
+
+
+@pytest.mark.parametrize(("algo", "seed", "block_size"), [("sha256_cbor", "42", 16), ("xxhash", "0", 32)])
+def test_gateway_hashes_follow_the_engines_algorithm_seed_and_block_size(algo: str, seed: str, block_size: int) -> None:
+    request = completion(words(300, 20))
+    config = EngineCoreConfig(
+        num_gpu_blocks=1024, max_model_len=MAX_MODEL_LEN, block_size=block_size, prefix_caching_hash_algo=algo,
+        hash_seed=seed,
+    )  # fmt: skip
+    _, engine_hashes = engine_block_hashes(request, config)
+    options = {"hash_algo": algo, "hash_seed": seed, "block_size": block_size}
+    strategy = build_strategy("prefix-cache-and-load", random.Random(0), options=options)
+    assert block_hashes(request, strategy.hasher) == engine_hashes
+    # Memoised per hasher: the default hasher's hashes are kept apart.
+    assert block_hashes(request, BlockHasher()) != engine_hashes
+
+
+def test_hash_options_are_validated() -> None:
+    model = options_model("prefix-cache")
+    assert model.model_validate({}).model_dump()["hash_algo"] == "sha256"
+    with pytest.raises(ValueError, match="sha256_cbor"):
+        model.model_validate({"hash_algo": "md5"})
 
 
 def test_prompt_work_is_memoised_and_bad_bodies_give_no_blocks() -> None:
     request = chat(words(100, 8), "hi")
-    assert block_hashes(request) is block_hashes(request)
+    hasher = BlockHasher()
+    assert block_hashes(request, hasher) is block_hashes(request, BlockHasher())
     assert prompt_token_ids(request) is request.derived["prompt_token_ids"]
     for body in ({"model": "m"}, {"messages": "x"}, {"messages": [{"content": "no role"}]}, {"prompt": 3}):
-        assert block_hashes(RoutingRequest("m", "/v1/completions", body)) == []
+        assert block_hashes(RoutingRequest("m", "/v1/completions", body), hasher) == []
     assert PrefixCacheStrategy(rng=random.Random(0)).choose(completion(7), fleet(3, 1, 2)).name == "e1"
 
 
@@ -166,7 +193,7 @@ def test_prefix_cache_spills_to_least_loaded_beyond_the_imbalance_bound() -> Non
 def test_no_match_picks_least_loaded_and_min_match_blocks_is_respected() -> None:
     strategy = PrefixCacheStrategy(rng=random.Random(3), min_match_blocks=4)
     prompt = token_prompt(48, 11)  # three full blocks: below the four required
-    strategy.index.record(block_hashes(completion(prompt)), "e0")
+    strategy.index.record(block_hashes(completion(prompt), strategy.hasher), "e0")
     assert strategy.choose(completion(prompt), fleet(1, 0, 2)).name == "e1"
 
 
@@ -175,7 +202,7 @@ def test_prefix_cache_and_load_prefers_the_cache_until_load_outweighs_the_saving
 
     def choice(holder_load: int, **options: Any) -> str:
         strategy = PrefixCacheAndLoadStrategy(rng=random.Random(4), load_tokens_per_request=256, **options)
-        strategy.index.record(block_hashes(completion(prompt)), "e0")
+        strategy.index.record(block_hashes(completion(prompt), strategy.hasher), "e0")
         return strategy.choose(completion(prompt), fleet(holder_load, 0)).name
 
     # Pure cost (no exploitation): 1 + 256 × load against 1024.
@@ -187,7 +214,7 @@ def test_prefix_cache_and_load_prefers_the_cache_until_load_outweighs_the_saving
 def test_prefix_cache_and_load_weighs_partial_matches() -> None:
     shared = token_prompt(512, 13)
     strategy = PrefixCacheAndLoadStrategy(rng=random.Random(5), load_tokens_per_request=256)
-    strategy.index.record(block_hashes(completion(shared + token_prompt(512, 14))), "e0")
+    strategy.index.record(block_hashes(completion(shared + token_prompt(512, 14)), strategy.hasher), "e0")
     # Half the prompt cached on e0 (not above the 0.5 exploit threshold): cost 512 + 256 × 1
     # beats 1024 on the idle e1, but not 512 + 256 × 3.
     assert strategy.choose(completion(shared + token_prompt(512, 15)), fleet(1, 0)).name == "e0"

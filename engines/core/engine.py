@@ -18,8 +18,12 @@ from engines.core.output_length import next_token, plan_output, request_seed
 from engines.core.profiles import LLAMA_3_1_8B, ModelProfile, get_gpu_profile, kv_capacity_tokens
 from engines.core.scheduler import RequestState, Scheduler
 from engines.core.types import EngineRequest, EngineStats, FinishReason, RequestOutput, StepResult
+from kvcache.hashing import DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED, BlockHasher, HashAlgo
+from rayfleet.protocol.kv_events import KVEvent
 
-KVEventSink = Callable[[list[object]], None]
+# Called once per step that changed the cache, with that step's events in order (vLLM
+# publishes one batch per scheduler step).
+KVEventSink = Callable[[list[KVEvent]], None]
 
 
 class EngineCoreConfig(BaseModel):
@@ -36,6 +40,10 @@ class EngineCoreConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2)
     num_gpu_blocks: int | None = Field(None, ge=1)  # overrides the memory-derived block count
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: HashAlgo = DEFAULT_HASH_ALGO
+    # vLLM's PYTHONHASHSEED: the root of every block hash chain. None draws a random root,
+    # as vLLM does without the variable, and then no other engine or gateway agrees.
+    hash_seed: str | None = DEFAULT_HASH_SEED
     seed: int = 0
 
 
@@ -57,7 +65,7 @@ class EngineCore:
         self._kv_event_sink = kv_event_sink
         self._kv_cache = KVCacheManager(
             self.num_gpu_blocks,
-            config.block_size,
+            BlockHasher(config.prefix_caching_hash_algo, config.hash_seed, config.block_size),
             config.enable_prefix_caching,
             record_events=kv_event_sink is not None,
         )
@@ -70,6 +78,8 @@ class EngineCore:
         num_prompt_tokens = len(request.prompt_token_ids)
         if request.request_id in self._requests:
             raise ValueError(f"request {request.request_id!r} is already in the engine")
+        if (request.lora_id == 0) != (request.lora_name is None):
+            raise ValueError("a LoRA request needs both lora_id and lora_name; the base model neither")
         if not 0 < num_prompt_tokens < self.max_model_len:
             raise ValueError(
                 f"prompt has {num_prompt_tokens} tokens; it must have at least 1 and fewer than "
@@ -83,7 +93,7 @@ class EngineCore:
             max_output_tokens=plan.num_tokens,
             finish_reason_at_max=plan.finish_reason,
             token_state=plan.token_state,
-            blocks=RequestBlocks(lora_id=request.lora_id),
+            blocks=RequestBlocks(lora_id=request.lora_id, lora_name=request.lora_name),
         )
         self._requests[request.request_id] = state
         self._scheduler.add(state)

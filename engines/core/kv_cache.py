@@ -1,91 +1,55 @@
 """vLLM V1's paged KV cache with automatic prefix caching, as block bookkeeping only.
 
 Blocks hold ``block_size`` tokens. A full block is identified by a chain hash of its
-tokens, its parent block's hash and the LoRA id, so equal hashes mean equal prefixes. Freed
+tokens, its parent block's hash and the LoRA name, so equal hashes mean equal prefixes. Freed
 blocks keep their hash and stay findable until their physical block is handed out again;
 the free queue is in LRU order and a finished request's blocks join it tail first, so the
 end of a prompt is evicted before its (more shareable) beginning, as in vLLM.
 
-The events mirror vLLM's KV events (``BlockStored``, ``BlockRemoved``, ``AllBlocksCleared``)
-so a KV-aware router sees the simulator exactly as it would see vLLM.
+The hashes are vLLM's own (``kvcache.hashing``, with the algorithm and seed the engine is
+configured with), so a gateway can compute them from a prompt, and the events are vLLM's KV
+events (``rayfleet.protocol.kv_events``), so a KV-aware router sees the simulator exactly as
+it would see vLLM.
 """
 
 from __future__ import annotations
 
-import functools
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import xxhash
+from kvcache.hashing import BlockHasher, lora_extra_keys
+from rayfleet.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
-# Parent hash of a request's first block. vLLM draws it at random per process unless
-# PYTHONHASHSEED is set; a constant makes hashes agree across simulated engines, as a
-# fleet with a shared seed would.
-ROOT_BLOCK_HASH = 0
-
-
-@dataclass(slots=True)
-class BlockStored:
-    """Consecutive blocks of one request became cached full blocks."""
-
-    block_hashes: list[int]
-    parent_block_hash: int | None  # None when the first block starts the sequence
-    token_ids: list[int]  # the tokens of all the blocks, in order
-    block_size: int
-    lora_id: int | None  # None for the base model, as vLLM reports it
-
-
-@dataclass(slots=True)
-class BlockRemoved:
-    """A cached block was evicted because its physical block was reused."""
-
-    block_hashes: list[int]
-
-
-@dataclass(slots=True)
-class AllBlocksCleared:
-    """The prefix cache was reset."""
-
-
-KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
-
-
-@functools.cache
-def _block_struct(num_tokens: int) -> struct.Struct:
-    return struct.Struct(f"<QI{num_tokens}i")
-
-
-def hash_block_tokens(parent_block_hash: int, token_ids: Sequence[int], lora_id: int) -> int:
-    """The chain hash of one full block; the only place that defines block identity.
-
-    xxh3-64 over (parent hash, LoRA id, token ids) costs ~0.4 µs a block; swapping in
-    vLLM's sha256_cbor here would make the hashes byte-identical to a real engine's.
-    """
-    return xxhash.xxh3_64_intdigest(_block_struct(len(token_ids)).pack(parent_block_hash, lora_id, *token_ids))
+# vLLM's one KV cache group of a plain decoder, as its events name it.
+KV_CACHE_GROUP = 0
+KV_CACHE_SPEC_KIND = "full_attention"
 
 
 @dataclass(slots=True)
 class RequestBlocks:
     """One request's view of the cache; owned by the request, mutated only by the manager."""
 
-    lora_id: int = 0
+    lora_id: int = 0  # vLLM's adapter id, reported in events; 0 for the base model
+    lora_name: str | None = None  # the adapter name, which vLLM hashes
     block_ids: list[int] = field(default_factory=list)
-    # Chain hashes of the request's full blocks, computed lazily; kept across preemption
-    # since they depend only on the tokens.
+    # Chain hashes (event form) of the request's full blocks, computed lazily; kept across
+    # preemption since they depend only on the tokens. The chain continues from last_hash,
+    # the full digest of the last of them.
     block_hashes: list[int] = field(default_factory=list)
+    last_hash: bytes | None = None
     num_cached_blocks: int = 0  # leading block_ids already registered in the prefix cache
 
 
 class KVCacheManager:
     """Allocation, prefix lookup, caching and eviction over ``num_blocks`` physical blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, record_events: bool) -> None:
-        if num_blocks <= 0 or block_size <= 0:
-            raise ValueError("num_blocks and block_size must be positive")
+    def __init__(self, num_blocks: int, hasher: BlockHasher, enable_prefix_caching: bool, record_events: bool) -> None:
+        if num_blocks <= 0:
+            raise ValueError("num_blocks must be positive")
         self.num_blocks = num_blocks
-        self.block_size = block_size
+        self.block_size = hasher.block_size
+        self._hasher = hasher
         self.enable_prefix_caching = enable_prefix_caching
         self._ref_counts = [0] * num_blocks
         self._block_hashes: list[int | None] = [None] * num_blocks
@@ -194,14 +158,10 @@ class KVCacheManager:
         return events
 
     def _extend_hashes(self, request: RequestBlocks, token_ids: Sequence[int], num_blocks: int) -> None:
-        hashes = request.block_hashes
-        if len(hashes) >= num_blocks:
-            return
-        size = self.block_size
-        parent = hashes[-1] if hashes else ROOT_BLOCK_HASH
-        for start in range(len(hashes) * size, num_blocks * size, size):
-            parent = hash_block_tokens(parent, token_ids[start : start + size], request.lora_id)
-            hashes.append(parent)
+        if len(request.block_hashes) < num_blocks:
+            request.last_hash = self._hasher.extend(
+                request.block_hashes, request.last_hash, token_ids, num_blocks, lora_extra_keys(request.lora_name)
+            )
 
     def _cache_full_blocks(self, request: RequestBlocks, token_ids: Sequence[int], num_full_blocks: int) -> None:
         self._extend_hashes(request, token_ids, num_full_blocks)
@@ -226,6 +186,10 @@ class KVCacheManager:
                     token_ids=list(token_ids[first * size : num_full_blocks * size]),
                     block_size=size,
                     lora_id=request.lora_id or None,
+                    lora_name=request.lora_name,
+                    extra_keys=[lora_extra_keys(request.lora_name)] * (num_full_blocks - first),
+                    group_idx=KV_CACHE_GROUP,
+                    kv_cache_spec_kind=KV_CACHE_SPEC_KIND,
                 )
             )
 
@@ -244,4 +208,4 @@ class KVCacheManager:
         if copies is not None and not copies:
             del self._duplicates[block_hash]
         if self._events is not None:
-            self._events.append(BlockRemoved(block_hashes=[block_hash]))
+            self._events.append(BlockRemoved(block_hashes=[block_hash], group_idx=KV_CACHE_GROUP))

@@ -43,7 +43,8 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec
-    lora_id: int = 0  # 0 = base model; adapters get 1, 2, ... (an extra key in block hashes)
+    lora_id: int = 0  # 0 = base model; adapters get 1, 2, ... (reported in KV events)
+    lora_name: str | None = None  # the adapter's name: vLLM's extra key in block hashes
     arrival_time: float = 0.0  # in the driver's clock; only used for FCFS order and stats
 
 

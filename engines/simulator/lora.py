@@ -1,8 +1,9 @@
 """Which LoRA adapters the simulated engine serves, with vLLM's load/unload rules and messages.
 
 An adapter changes nothing about the simulated text; what it changes is cache identity:
-its requests carry their own ``lora_id`` into the core, so their KV blocks never match the
-base model's (or another adapter's) even for the same prompt, as in vLLM.
+its requests carry the adapter's name into the core, which hashes it into their KV blocks
+as vLLM does, so they never match the base model's (or another adapter's) blocks even for
+the same prompt. The adapter's id only travels in KV events, as vLLM's ``lora_id``.
 
 Capacity is simplified on purpose: vLLM's ``--max-loras`` bounds the adapters active in
 one batch while more wait in CPU memory; here it bounds the adapters loaded at all, and a
@@ -23,7 +24,7 @@ from engines.simulator.errors import ApiError, bad_request
 class LoraAdapter:
     name: str
     path: str
-    lora_id: int  # 1, 2, ...: 0 is the base model in the core's block hashes
+    lora_id: int  # 1, 2, ...: 0 is the base model
     base_model_name: str
 
 

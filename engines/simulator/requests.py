@@ -91,6 +91,7 @@ class RequestBuilder:
                     seed=body.seed,
                 ),
                 lora_id=adapter.lora_id if adapter is not None else 0,
+                lora_name=adapter.name if adapter is not None else None,
             ),
             model_name=adapter.name if adapter is not None else self._served_model_name,
             lora_name=adapter.name if adapter is not None else None,

@@ -8,6 +8,9 @@ Differences a client could notice, all deliberate:
 - ``n`` must be 1 and a completions ``prompt`` may not be a batch of several prompts.
 - ``/version`` adds a ``simulator`` key next to ``version``.
 - ``/sim/faults`` and ``/sim/crash`` exist (see ``faults.py``).
+
+KV events (``--kv-events-config``) and block hashes (``--prefix-caching-hash-algo``, the
+``PYTHONHASHSEED`` environment variable) are vLLM's; see ``kv_events.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import signal
 import sys
 import traceback
 
+import zmq
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import TypeAdapter
@@ -30,11 +34,13 @@ from engines.simulator.engine_loop import EngineLoop
 from engines.simulator.errors import ApiError, bad_request
 from engines.simulator.faults import FaultKnobs, FaultSettings
 from engines.simulator.generation import GenerationRoutes
+from engines.simulator.kv_events import ZmqKVEventPublisher
 from engines.simulator.lora import LoraRegistry
 from engines.simulator.metrics import MetricsEndpoint, RequestMetrics, SimulatorCollector
 from engines.simulator.models import ServedModels
 from engines.simulator.requests import RequestBuilder
 from engines.simulator.web_io import api_route, json_response, read_json
+from rayfleet.protocol.kv_events import KVEventsConfig
 from rayfleet.protocol.openai import (
     DetokenizeRequest,
     LoadLoRAAdapterRequest,
@@ -54,15 +60,19 @@ _TOKENIZE_REQUEST = TypeAdapter(TokenizeChatRequest | TokenizeCompletionRequest)
 
 
 def engine_core_config(config: EngineConfig) -> EngineCoreConfig:
+    """The core's settings; the hash seed comes from the environment, as vLLM reads it."""
     return EngineCoreConfig(
         gpu=config.sim.gpu,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         block_size=config.block_size,
         gpu_memory_utilization=config.gpu_memory_utilization,
+        num_gpu_blocks=config.num_gpu_blocks_override,
         tensor_parallel_size=config.tensor_parallel_size,
         max_model_len=config.max_model_len,
         enable_prefix_caching=config.enable_prefix_caching,
+        prefix_caching_hash_algo=config.prefix_caching_hash_algo,
+        hash_seed=os.environ.get("PYTHONHASHSEED"),
         seed=config.sim.seed,
     )
 
@@ -195,10 +205,17 @@ class SimulatorServer:
 
 async def serve(config: EngineConfig) -> int:
     """Run until SIGTERM/SIGINT (exit code 0) or an engine failure (1); 2 if it cannot start."""
+    publisher: ZmqKVEventPublisher | None = None
     try:
-        core = EngineCore(engine_core_config(config))
+        kv_events = KVEventsConfig.model_validate(config.kv_events_config or {})
+        if kv_events.publishing:
+            publisher = ZmqKVEventPublisher(kv_events)
+        core = EngineCore(engine_core_config(config), kv_event_sink=publisher.publish if publisher else None)
         server = SimulatorServer(config, core, get_tokenizer())
-    except (ValueError, ApiError) as error:  # a bad flag combination, or a --lora-modules entry refused
+    # A bad flag combination, a --lora-modules entry refused, or a KV event endpoint that cannot be bound.
+    except (ValueError, ApiError, zmq.ZMQError) as error:
+        if publisher is not None:
+            publisher.close()
         print(f"ERROR: {error}", file=sys.stderr, flush=True)
         return 2
     loop = asyncio.get_running_loop()
@@ -223,4 +240,6 @@ async def serve(config: EngineConfig) -> int:
     await server.stopped.wait()
     await runner.cleanup()
     await server.engine.stop()
+    if publisher is not None:
+        publisher.close()
     return server.exit_code

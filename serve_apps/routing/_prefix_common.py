@@ -11,6 +11,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvcache.hashing import BlockHasher
 from serve_apps.routing.base import EndpointState, RoutingRequest, pick_uniform_minimum
 from serve_apps.routing.prefix_index import PrefixIndex
 from serve_apps.routing.prompt_blocks import block_hashes
@@ -48,10 +49,10 @@ def least_loaded(candidates: Sequence[EndpointState], rng: random.Random) -> End
 
 
 def match_prompt(
-    index: PrefixIndex, request: RoutingRequest, candidates: Sequence[EndpointState], block_size: int
+    index: PrefixIndex, request: RoutingRequest, candidates: Sequence[EndpointState], hasher: BlockHasher
 ) -> tuple[list[int], dict[str, int]]:
     """The request's block hashes and, per candidate name, its matched leading blocks."""
-    hashes = block_hashes(request, block_size)
+    hashes = block_hashes(request, hasher)
     if not hashes:
         return hashes, dict.fromkeys((candidate.name for candidate in candidates), 0)
     return hashes, index.match(hashes, [candidate.name for candidate in candidates])

@@ -13,7 +13,8 @@ are not overloaded (the ``prefix-cache`` bound: ``in_flight > min_in_flight +
 imbalance_abs`` and ``in_flight > imbalance_ratio × mean_in_flight``); if all of them are
 overloaded, or no share is above it, every candidate competes on cost. Lowest cost wins,
 ties uniformly at random. The chosen endpoint is recorded in the index as holding the
-prompt's blocks.
+prompt's blocks. Blocks are hashed as in ``prefix-cache`` (``block_size``, ``hash_algo``,
+``hash_seed``, defaulting to the engines' settings).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from __future__ import annotations
 import random
 from typing import ClassVar, Sequence
 
+from kvcache.hashing import DEFAULT_BLOCK_SIZE, DEFAULT_HASH_ALGO, DEFAULT_HASH_SEED, BlockHasher, HashAlgo
 from serve_apps.routing._prefix_common import ImbalanceBound, match_prompt
 from serve_apps.routing.base import EndpointState, RoutingRequest, pick_uniform_minimum
 from serve_apps.routing.prefix_index import ApproximatePrefixIndex, PrefixIndex
-from serve_apps.routing.prompt_blocks import DEFAULT_BLOCK_SIZE, prompt_token_ids
+from serve_apps.routing.prompt_blocks import prompt_token_ids
 
 
 class PrefixCacheAndLoadStrategy:
@@ -39,20 +41,23 @@ class PrefixCacheAndLoadStrategy:
         exploit_threshold: float = 0.5,
         load_tokens_per_request: float = 512.0,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        hash_algo: HashAlgo = DEFAULT_HASH_ALGO,
+        hash_seed: str = DEFAULT_HASH_SEED,
     ) -> None:
         self._rng = rng or random.Random()
         self.index: PrefixIndex = index if index is not None else ApproximatePrefixIndex()
+        self.hasher = BlockHasher(hash_algo, hash_seed, block_size)
         self._bound = ImbalanceBound(imbalance_abs, imbalance_ratio)
         self._exploit_threshold = exploit_threshold
         self._load_tokens_per_request = load_tokens_per_request
-        self._block_size = block_size
 
     def choose(self, request: RoutingRequest, candidates: Sequence[EndpointState]) -> EndpointState:
-        hashes, matched = match_prompt(self.index, request, candidates, self._block_size)
+        hashes, matched = match_prompt(self.index, request, candidates, self.hasher)
         num_tokens = len(prompt_token_ids(request))
+        block_size = self.hasher.block_size
         # The engine recomputes the last prompt token even on a full hit, so it is never cached.
         max_cached = max(num_tokens - 1, 0)
-        cached = {name: min(blocks * self._block_size, max_cached) for name, blocks in matched.items()}
+        cached = {name: min(blocks * block_size, max_cached) for name, blocks in matched.items()}
         pool: Sequence[EndpointState] = candidates
         if num_tokens and max(cached.values()) / num_tokens > self._exploit_threshold:
             threshold = self._bound.threshold(candidates)

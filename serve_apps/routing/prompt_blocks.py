@@ -4,27 +4,28 @@ Prefix-aware routing only works if the gateway names blocks exactly as the engin
 because a later index is fed from the engine's own KV events. So the prompt is rendered
 the simulator's way (``engines.simulator.requests``): chat bodies through the chat
 template encoded without extra special tokens (the template starts with BOS), text
-prompts encoded with BOS, token-id prompts as given; and blocks are hashed with the
-engine's ``hash_block_tokens`` chained from ``ROOT_BLOCK_HASH``. Both are memoised in
-``RoutingRequest.derived`` so a request is tokenised and hashed once however many
-strategies or indexes ask.
+prompts encoded with BOS, token-id prompts as given; and blocks are hashed as vLLM hashes
+them (``kvcache.hashing.BlockHasher``), which only agrees with an engine configured with the
+same algorithm, seed and block size. Both are memoised in ``RoutingRequest.derived`` (the
+hashes per hasher) so a request is tokenised and hashed once however many strategies or
+indexes ask.
 
-Requests are hashed as the base model (LoRA id 0): the gateway does not know which id an
-engine gave an adapter, so a LoRA request's hashes will not match that engine's blocks.
+Requests are hashed as the base model: vLLM hashes an adapter's name into its blocks, and
+nothing here tells an adapter from a base model, so a LoRA request's hashes do not match its
+engine's blocks.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from engines.core.kv_cache import ROOT_BLOCK_HASH, hash_block_tokens
 from engines.core.tokenizer import Tokenizer, get_tokenizer
+from kvcache.hashing import DEFAULT_BLOCK_SIZE, BlockHasher
 from serve_apps.routing.base import RoutingRequest
 
-DEFAULT_BLOCK_SIZE = 16
-BASE_MODEL_LORA_ID = 0
+__all__ = ["DEFAULT_BLOCK_SIZE", "block_hashes", "prompt_token_ids", "render_prompt"]
+
 _TOKEN_IDS_KEY = "prompt_token_ids"
-_BLOCK_HASHES_KEY = "prompt_block_hashes/{block_size}"
 
 
 def prompt_token_ids(request: RoutingRequest) -> list[int]:
@@ -36,25 +37,17 @@ def prompt_token_ids(request: RoutingRequest) -> list[int]:
     return token_ids
 
 
-def block_hashes(request: RoutingRequest, block_size: int = DEFAULT_BLOCK_SIZE) -> list[int]:
-    """Chain hashes of the prompt's full blocks, equal to the engine's for the same prompt.
+def block_hashes(request: RoutingRequest, hasher: BlockHasher) -> list[int]:
+    """Chain hashes of the prompt's full blocks, equal to those in the KV events of an engine
+    hashing like ``hasher``.
 
     The trailing partial block is left out: the engine only caches (and reports) full blocks.
     """
-    key = _BLOCK_HASHES_KEY.format(block_size=block_size)
+    key = f"prompt_block_hashes/{hasher.memo_key}"
     hashes = request.derived.get(key)
     if hashes is None:
-        hashes = chain_hashes(prompt_token_ids(request), block_size)
+        hashes = hasher.chain(prompt_token_ids(request))
         request.derived[key] = hashes
-    return hashes
-
-
-def chain_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    hashes: list[int] = []
-    parent = ROOT_BLOCK_HASH
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block_tokens(parent, token_ids[start : start + block_size], BASE_MODEL_LORA_ID)
-        hashes.append(parent)
     return hashes
 
 
