@@ -38,9 +38,10 @@ from bench import loadgen, routing_workloads
 from bench.errors import BenchUsageError
 from bench.fleet_sim import EngineCounters, FleetResult, FleetSimulation
 from bench.routing_workloads import RoutingWorkload
-from bench.stats import BenchReport, BenchRow, RequestRecord, Slo, Warmup, compute_metrics
+from bench.stats import BenchReport, BenchRow, RequestRecord, Slo, Warmup, compute_metrics, max_send_lag
 from bench.tables import format_table
 from engines.core.engine import EngineCoreConfig
+from engines.core.profiles import get_gpu_profile
 from serve_apps.routing import STRATEGY_CLASSES, build_strategy, strategy_names
 
 MODEL = "routing-bench-model"
@@ -48,7 +49,6 @@ WORKLOADS = ("gsp-uniform", "gsp-zipf", "multi-turn", "azure-conv", "mooncake")
 DEFAULT_POLICIES = ("random", "least-request", "power-of-two", "prefix-cache", "prefix-cache-and-load")
 DEFAULT_PEERS = ("sglang-router:cache_aware", "vllm-router:cache_aware")
 SATURATION_EFFICIENCY = 0.95  # achieved/offered below this is past saturation
-_SEARCH_REQUESTS = 4000  # requests per saturation probe: enough for the queue to show
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +174,16 @@ def keeps_up(records: Sequence[RequestRecord], warmup: Warmup) -> bool:
     return completed >= SATURATION_EFFICIENCY * len(measured)
 
 
-def find_saturation(workload: WorkloadSpec, fleet: FleetSpec, seed: int, log: Callable[[str], None]) -> float:
+def find_saturation(
+    workload: WorkloadSpec, fleet: FleetSpec, seed: int, log: Callable[[str], None], precision: float = 1.03
+) -> float:
     """The highest rate (req/s) at which ``random`` keeps up (``keeps_up``).
 
-    A geometric ladder brackets the knee, then bisection narrows it to about 3%. Probes use
-    the first few thousand requests: enough to build a queue when the fleet cannot keep up.
+    A geometric ladder from 8 req/s per engine brackets the knee, then bisection narrows it
+    until high/low <= ``precision``. Probes use the first 4,000 requests: shorter runs end
+    while the backlog is still settling and read as saturated too early.
     """
-    probe = replace(workload, max_requests=min(workload.max_requests or _SEARCH_REQUESTS, _SEARCH_REQUESTS))
+    probe = replace(workload, max_requests=min(workload.max_requests or 4000, 4000))
 
     def probe_keeps_up(rate: float) -> bool:
         job = Job("random", probe, rate, None, fleet, 0.2, seed)
@@ -189,14 +192,14 @@ def find_saturation(workload: WorkloadSpec, fleet: FleetSpec, seed: int, log: Ca
         log(f"  saturation probe {rate:7.2f} req/s: {'keeps up' if verdict else 'falls behind'}")
         return verdict
 
-    low = high = 2.0 * fleet.engines
+    low = high = 8.0 * fleet.engines
     if probe_keeps_up(low):
         while probe_keeps_up(high := low * 1.5):
             low = high
     else:
         while not probe_keeps_up(low := high / 1.5):
             high = low
-    while high / low > 1.03:
+    while high / low > precision:
         middle = (low * high) ** 0.5
         low, high = (middle, high) if probe_keeps_up(middle) else (low, middle)
     return low
@@ -227,6 +230,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--azure-trace", default=None, help="azure_conv_2023.csv (for azure-conv)")
     parser.add_argument("--mooncake-trace", default=None, help="mooncake_conversation.jsonl (for mooncake)")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="rayfleet strategies, or 'all'")
+    parser.add_argument("--live-policies", default=None, help="rayfleet strategies for live runs (default: --policies)")
     parser.add_argument("--peers", default=",".join(DEFAULT_PEERS), help="'sglang-router:POLICY,vllm-router:POLICY' or 'none'")
     parser.add_argument("--mode", choices=("des", "live", "both"), default="both")
     parser.add_argument("--engines", type=int, default=8)
@@ -240,9 +244,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--load", type=_fractions, default=[0.5, 0.7, 0.8, 0.9, 1.1],
                         help="offered rates as fractions of random's saturation rate")  # fmt: skip
     parser.add_argument("--rates", type=_fractions, default=None, help="offered rates in req/s (instead of --load)")
+    parser.add_argument("--saturation", type=float, default=None,
+                        help="random's saturation rate (req/s) from an earlier run: skips the search")  # fmt: skip
     parser.add_argument("--live-load", type=_fractions, default=[0.8], help="fractions of saturation for live runs")
-    parser.add_argument("--live-requests", type=int, default=2400, help="requests per live run (the workload's first N)")
-    parser.add_argument("--time-scale", type=float, default=10.0, help="wall seconds per engine second in live runs")
+    parser.add_argument("--live-requests", type=int, default=4000, help="requests per live run (the workload's first N)")
+    parser.add_argument("--time-scale", type=float, default=5.0, help="wall seconds per engine second in live runs")
     parser.add_argument("--warmup", type=float, default=0.2, help="fraction of each run's requests left out of the stats")
     parser.add_argument("--slo-ttft", type=float, default=0.5, help="goodput SLO, seconds")
     parser.add_argument("--slo-tpot", type=float, default=0.05, help="goodput SLO, seconds")
@@ -250,7 +256,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the simulated runs")
     parser.add_argument("--port", type=int, default=8000, help="gateway port for live runs")
     parser.add_argument("--quick", action="store_true",
-                        help="one workload, three policies, two loads, short live runs: under 3 minutes")  # fmt: skip
+                        help="under 3 minutes: shared-prefix workload only, the first 4,000 requests simulated with random / least-request / "
+                             "prefix-cache-and-load at 70%% and 90%%, and a short live smoke of prefix-cache-and-load "
+                             "and sglang-router:cache_aware")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--plot", default=None, help="write a PNG of TTFT p90 and goodput against offered rate")
     parser.set_defaults(bench_run=run)
@@ -260,6 +268,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 class Plan:
     workloads: list[WorkloadSpec]
     policies: list[str]
+    live_policies: list[str]
     peers: list[str]
     fleet: FleetSpec
     slo: Slo
@@ -279,19 +288,16 @@ def _trace_path(args: argparse.Namespace, name: str) -> str | None:
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     if args.quick:
-        args.workloads, args.load, args.live_load, args.live_requests = "gsp-uniform", [0.7, 0.9], [0.8], 1000
-        if args.policies == ",".join(DEFAULT_POLICIES):
-            args.policies = "random,least-request,prefix-cache-and-load"
-        if args.peers == ",".join(DEFAULT_PEERS):
-            args.peers = "sglang-router:cache_aware"
+        args.workloads, args.load, args.live_load, args.live_requests = "gsp-uniform", [0.7, 0.9], [0.8], 400
+        args.policies = "random,least-request,prefix-cache-and-load"
+        args.live_policies = "prefix-cache-and-load"
+        args.peers = "sglang-router:cache_aware"
     names = _split(args.workloads)
     unknown = [name for name in names if name not in WORKLOADS]
     if unknown or not names:
         raise BenchUsageError(f"unknown workload(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(WORKLOADS)}")
-    policies = strategy_names() if args.policies == "all" else _split(args.policies)
-    bad = [p for p in policies if p not in STRATEGY_CLASSES]
-    if bad:
-        raise BenchUsageError(f"unknown policy {', '.join(bad)}; valid: {', '.join(strategy_names())} or 'all'")
+    policies = _policies(args.policies)
+    live_policies = policies if args.live_policies is None else _policies(args.live_policies)
     peers = [] if args.peers == "none" else _split(args.peers)
     from bench.peers import PeerSpec
 
@@ -304,21 +310,31 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise BenchUsageError(f"--engines must be >= 1, got {args.engines}")
     if not 0 <= args.warmup < 1:
         raise BenchUsageError(f"--warmup is a fraction in [0, 1), got {args.warmup}")
+    if args.saturation is not None and args.saturation <= 0:
+        raise BenchUsageError(f"--saturation is a rate in req/s, got {args.saturation}")
+    if args.live_requests < 1 or args.time_scale <= 0:
+        raise BenchUsageError("--live-requests must be >= 1 and --time-scale > 0")
     try:
-        FleetSpec(args.engines, args.gpu).core_config()
-        from engines.core.profiles import get_gpu_profile
-
         get_gpu_profile(args.gpu)
-    except (ValueError, KeyError) as exc:
+    except ValueError as exc:
         raise BenchUsageError(f"--gpu {args.gpu}: {exc}")
     workloads = [
         WorkloadSpec(
             name, args.groups, args.prompts_per_group, args.system_prompt_len, args.question_len, args.output_len,
-            args.zipf_alpha, _trace_path(args, name), None, args.seed,
+            args.zipf_alpha, _trace_path(args, name), 4000 if args.quick else None, args.seed,
         )  # fmt: skip
         for name in names
     ]
-    return Plan(workloads, policies, peers, FleetSpec(args.engines, args.gpu), Slo(args.slo_ttft, args.slo_tpot))
+    fleet = FleetSpec(args.engines, args.gpu)
+    return Plan(workloads, policies, live_policies, peers, fleet, Slo(args.slo_ttft, args.slo_tpot))
+
+
+def _policies(text: str) -> list[str]:
+    policies = strategy_names() if text == "all" else _split(text)
+    bad = [p for p in policies if p not in STRATEGY_CLASSES]
+    if bad or not policies:
+        raise BenchUsageError(f"unknown policy {', '.join(bad) or '(none)'}; valid: {', '.join(strategy_names())} or 'all'")
+    return policies
 
 
 def _log(message: str) -> None:
@@ -375,7 +391,7 @@ def run_live_sweep(plan: Plan, args: argparse.Namespace, saturations: dict[str, 
                 workload = base.at_rate(rate)
                 measure_from = warmup_of(workload, args.warmup)[1]
                 targets: list[tuple[str, Callable[[], object]]] = []
-                for policy in plan.policies:
+                for policy in plan.live_policies:
                     targets.append((policy, lambda: nullcontext(stack.gateway_url)))
                 for label in plan.peers:
                     targets.append((label, lambda label=label: running_peer(PeerSpec.parse(label), list(urls))))
@@ -389,6 +405,7 @@ def run_live_sweep(plan: Plan, args: argparse.Namespace, saturations: dict[str, 
                              f"({len(workload.requests)} requests, ~{workload.requests[-1].send_at * args.time_scale:.0f} s)")  # fmt: skip
                         result = loadgen.run(run_live(run, workload, measure_from))
                     row = routing_row(result, policy, workload, rate, load, "live", plan.slo, args.warmup)
+                    row = row.model_copy(update={"max_send_lag_s": max_send_lag(result.records)})
                     _log(f"  TTFT p90 {row.ttft_p90_s or 0:.3f} s, hit rate {row.hit_rate or 0:.2f}, errors {row.errors}")
                     rows.append(row)
     return rows
@@ -398,10 +415,14 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     started = time.monotonic()
     saturations: dict[str, float] = {}
-    if args.rates is None:
+    if args.saturation is not None:
+        saturations = {workload.name: args.saturation for workload in plan.workloads}
+    elif args.rates is None:
         for workload in plan.workloads:
             _log(f"bench routing: finding random's saturation rate on {workload.name} ({plan.fleet.engines} x {plan.fleet.gpu})")
-            saturations[workload.name] = find_saturation(workload, plan.fleet, args.seed, _log)
+            saturations[workload.name] = find_saturation(
+                workload, plan.fleet, args.seed, _log, 1.06 if args.quick else 1.03
+            )
             _log(f"  random saturates at about {saturations[workload.name]:.1f} req/s")
     rows: list[BenchRow] = []
     if args.mode in ("des", "both"):
@@ -415,6 +436,9 @@ def run(args: argparse.Namespace) -> int:
         f"fleet: {plan.fleet.engines} simulated {plan.fleet.gpu} engines (Llama-3.1-8B profile); latencies in engine "
         f"seconds; live runs on a clock slowed {args.time_scale:g}x; warm-up: first {args.warmup:.0%} of requests",
         f"goodput SLO: TTFT <= {args.slo_ttft:g} s and TPOT <= {args.slo_tpot:g} s",
+        *(["--quick: the live rows are a smoke run of a few hundred requests, mostly first visits to their "
+           "system prompt; read steady-state hit rates and latency from the simulated rows or a full run"]
+          if args.quick and args.mode != "des" else []),
         f"took {time.monotonic() - started:.0f} s",
     ]
     print(format_table(rows))

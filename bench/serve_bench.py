@@ -16,7 +16,16 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.errors import BenchUsageError
-from bench.stats import BenchReport, BenchRow, RequestRecord, Slo, Warmup, compute_metrics, error_samples
+from bench.stats import (
+    BenchReport,
+    BenchRow,
+    RequestRecord,
+    Slo,
+    Warmup,
+    compute_metrics,
+    error_samples,
+    max_send_lag,
+)
 from bench.tables import format_summary, format_table
 from bench.workloads import (
     WORD_VOCAB,
@@ -237,10 +246,6 @@ def overhead_line(gateway: BenchRow, direct: BenchRow) -> str:
     )
 
 
-def _max_send_lag(records: list[RequestRecord]) -> float:
-    return max((r.sent - r.scheduled for r in records), default=0.0)
-
-
 def run(args: argparse.Namespace) -> int:
     salt = args.prompt_salt if args.prompt_salt is not None else int.from_bytes(os.urandom(4), "big") % WORD_VOCAB
     plan = plan_from_args(args, salt)
@@ -259,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         records = loadgen.run(execute(plan, workload, run_target))
         metrics = compute_metrics(records, plan.slo, plan.warmup)
         rows.append(BenchRow.from_metrics(metrics, policy, workload.name, plan.offered_rps, plan.concurrency))
-        lag = _max_send_lag(records)
+        lag = max_send_lag(records)
         samples = error_samples(records)
         runs_meta.append({"policy": policy, "url": run_target.base_url, "sent": len(records), "max_send_lag_s": lag})
         print(format_summary(f"{policy}: {workload.name}", metrics))

@@ -171,6 +171,11 @@ def compute_metrics(records: list[RequestRecord], slo: Slo = Slo(), warmup: Warm
     )
 
 
+def max_send_lag(records: list[RequestRecord]) -> float:
+    """How far behind its schedule the load generator sent (0 when it kept time)."""
+    return max((r.sent - r.scheduled for r in records), default=0.0)
+
+
 def error_samples(records: list[RequestRecord], limit: int = 5) -> list[str]:
     """Distinct error messages, first seen first: enough to tell a 503 storm from a typo'd URL."""
     seen: dict[str, None] = {}

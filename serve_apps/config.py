@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engines.config import EngineConfig, EngineKind
-from serve_apps.routing import known_strategy, options_model
+from serve_apps.routing import STRATEGY_CLASSES, known_strategy, options_model
 
 StrategyName = Annotated[str, AfterValidator(known_strategy)]
+
+
+def _options_fit_their_strategy(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    for name, options in value.items():
+        try:
+            options_model(name).model_validate(options)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            known = ", ".join(options_model(name).model_fields) or "none"
+            raise ValueError(f"{name}: {problems} (its options: {known})") from None
+    return value
+
+
+# Per strategy, its tuning knobs, checked against the strategy's constructor at load time.
+StrategyOptions = Annotated[dict[StrategyName, dict[str, Any]], AfterValidator(_options_fit_their_strategy)]
 
 
 class PoolConfig(BaseModel):
@@ -37,6 +52,9 @@ class ModelConfig(BaseModel):
     pool: PoolConfig | None = None
     static_endpoints: list[str] = Field(default_factory=list, description="URLs of engines started elsewhere")
     default_strategy: StrategyName | None = None
+    strategy_options: StrategyOptions = Field(
+        default_factory=dict, description="per strategy, options for this model over the gateway's"
+    )
 
     @model_validator(mode="after")
     def _pool_serves_this_model(self) -> ModelConfig:
@@ -63,29 +81,10 @@ class GatewayConfig(BaseModel):
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence allowed from an engine mid-response")
     seed: int | None = None
     scrape_interval_s: float = Field(0.5, gt=0, le=60, description="how often each engine's /metrics is read")
-    strategy_options: dict[StrategyName, dict[str, Any]] = Field(
+    strategy_options: StrategyOptions = Field(
         default_factory=dict,
         description="per strategy, its tuning knobs, e.g. {'prefix-cache': {'imbalance_abs': 4}}",
     )
-
-    @field_validator("strategy_options")
-    @classmethod
-    def _options_fit_their_strategy(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name, options in value.items():
-            try:
-                options_model(name).model_validate(options)
-            except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                known = ", ".join(options_model(name).model_fields) or "none"
-                raise ValueError(f"{name}: {problems} (its options: {known})") from None
-        return value
-
-    def routing_options(self) -> dict[str, dict[str, Any]]:
-        """Strategy options as the gateway builds them: signal ages follow the scrape
-        interval (four missed scrapes make a metric stale) unless set explicitly."""
-        defaults = {"least-kv-cache": {"max_age_s": 4 * self.scrape_interval_s}}
-        return {name: {**defaults.get(name, {}), **self.strategy_options.get(name, {})}
-                for name in {*defaults, *self.strategy_options}}  # fmt: skip
 
 
 class AppConfig(BaseModel):
@@ -103,3 +102,29 @@ class AppConfig(BaseModel):
         if duplicates:
             raise ValueError(f"model listed twice: {', '.join(duplicates)}")
         return self
+
+    def routing_options(self, model: ModelConfig | None = None) -> dict[str, dict[str, Any]]:
+        """The options each strategy is built with for ``model`` (None: models not in the
+        config, such as adapters), lowest precedence first:
+
+        1. signal ages follow the scrape interval (four missed scrapes make a metric stale);
+        2. prefix strategies hash blocks as the model's pool engines do (algorithm, seed and
+           block size), so gateway hashes equal engine hashes without extra configuration;
+        3. the gateway's ``strategy_options``; 4. the model's ``strategy_options``.
+        """
+        layers: list[dict[str, dict[str, Any]]] = [
+            {"least-kv-cache": {"max_age_s": 4 * self.gateway.scrape_interval_s}}
+        ]
+        engine = model.pool.engine_config if model is not None and model.pool is not None else None
+        if engine is not None and engine.hash_seed is not None:
+            hashing = {"hash_algo": engine.prefix_caching_hash_algo, "hash_seed": engine.hash_seed,
+                       "block_size": engine.block_size}  # fmt: skip
+            layers.append({name: hashing for name in STRATEGY_CLASSES if "hash_algo" in options_model(name).model_fields})
+        layers.append(self.gateway.strategy_options)
+        if model is not None:
+            layers.append(model.strategy_options)
+        merged: dict[str, dict[str, Any]] = {}
+        for layer in layers:
+            for name, options in layer.items():
+                merged[name] = {**merged.get(name, {}), **options}
+        return merged

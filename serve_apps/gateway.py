@@ -20,7 +20,15 @@ from serve_apps.asgi import ClientDisconnected, Headers, Receive, Scope, Send, r
 from serve_apps.config import AppConfig
 from serve_apps.errors import GatewayError, wrap_upstream_error
 from serve_apps.metrics import GatewayMetrics
-from serve_apps.routing import EndpointState, RequestHooks, RoutingRequest, build_strategies, unknown_strategy_message
+from serve_apps.routing import (
+    STRATEGY_CLASSES,
+    EndpointState,
+    RequestHooks,
+    RoutingRequest,
+    RoutingStrategy,
+    build_strategies,
+    unknown_strategy_message,
+)
 from serve_apps.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse, UpstreamUnavailable
 from serve_apps.usage import StreamUsage, Usage, usage_from_json
 from serve_apps.view import EndpointView
@@ -42,6 +50,17 @@ class Relayed:
     streamed: bool
 
 
+class StrategySet:
+    """Every strategy, built with one set of options; ``hooks`` are those that learn from
+    finished requests (vtc-basic's served tokens)."""
+
+    def __init__(self, seed: int | None, options: dict[str, dict[str, Any]]) -> None:
+        self.by_name: dict[str, RoutingStrategy] = build_strategies(seed, options)
+        self.hooks: dict[str, RequestHooks] = {
+            name: strategy for name, strategy in self.by_name.items() if isinstance(strategy, RequestHooks)
+        }
+
+
 class GatewayApp:
     """OpenAI-compatible front door: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``."""
 
@@ -49,14 +68,15 @@ class GatewayApp:
         self.config = config
         self.view = view
         self.metrics = metrics
-        self.strategies = build_strategies(config.gateway.seed, config.gateway.routing_options())
-        self._strategy_names = {name: name.encode() for name in self.strategies}
+        # One set of strategies per configured model (each with that model's options, e.g. its
+        # engines' block hashing, and its own prefix index and counters), and one for names
+        # the config does not list (adapters, engines registered from elsewhere).
+        seed = config.gateway.seed
+        self._strategy_sets = {m.name: StrategySet(seed, config.routing_options(m)) for m in config.models}
+        self._default_set = StrategySet(seed, config.routing_options())
+        self._strategy_names = {name: name.encode() for name in STRATEGY_CLASSES}
         self._model_strategy = {m.name: m.default_strategy for m in config.models if m.default_strategy}
         self._pools: dict[str, UpstreamPool] = {}
-        # Strategies that learn from finished requests (vtc-basic's served tokens).
-        self._hooks: dict[str, RequestHooks] = {
-            name: strategy for name, strategy in self.strategies.items() if isinstance(strategy, RequestHooks)
-        }
 
     def _pool(self, url: str) -> UpstreamPool:
         pool = self._pools.get(url)
@@ -124,14 +144,16 @@ class GatewayApp:
         except ClientDisconnected:
             return
         route_headers = id_header + [(b"routing-strategy", self._strategy_names[strategy_name])]
-        hooks = self._hooks.get(strategy_name)
+        strategies = self._strategy_sets.get(model, self._default_set)
+        hooks = strategies.hooks.get(strategy_name)
         if hooks is not None:
             hooks.on_request_start(request)
         usage = Usage()
         try:
             usage = await self._route_and_relay(
-                request, strategy_name, candidates, body, stream, request_id, route_headers, started, receive, send
-            )
+                request, strategies.by_name[strategy_name], strategy_name, candidates, body, stream, request_id,
+                route_headers, started, receive, send,
+            )  # fmt: skip
         finally:
             if hooks is not None:
                 hooks.on_request_finish(request, usage.prompt_tokens, usage.output_tokens)
@@ -139,6 +161,7 @@ class GatewayApp:
     async def _route_and_relay(
         self,
         request: RoutingRequest,
+        strategy: RoutingStrategy,
         strategy_name: str,
         candidates: list[EndpointState],
         body: bytes,
@@ -150,7 +173,6 @@ class GatewayApp:
         send: Send,
     ) -> Usage:
         """Pick an endpoint and relay; on a refused connection, once more elsewhere."""
-        strategy = self.strategies[strategy_name]
         path = request.path.encode()
         request_id_bytes = request_id.encode()
         tried: list[EndpointState] = []
@@ -220,7 +242,7 @@ class GatewayApp:
         """The ``routing-strategy`` header, else the model's default, else the gateway's."""
         name = request.headers.get("routing-strategy") or self._model_strategy.get(request.model)
         name = name or self.config.gateway.default_strategy
-        if name not in self.strategies:
+        if name not in STRATEGY_CLASSES:
             raise GatewayError(400, unknown_strategy_message(name), code="invalid_routing_strategy")
         return name
 

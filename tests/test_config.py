@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from engines.config import EngineConfig, LoraModule, SimulatorOptions, add_engine_arguments, config_from_args
+from kvcache.hashing import BlockHasher
 from serve_apps.config import AppConfig
 from serve_apps.routing import EndpointState, RoutingRequest, build_strategies, strategy_names
 from serve_apps.routing.base import extract_prompt_text
@@ -27,8 +28,10 @@ def test_engine_config_round_trips_through_the_simulator_command_line() -> None:
         tensor_parallel_size=2,
         max_num_seqs=64,
         max_num_batched_tokens=4096,
+        num_gpu_blocks_override=4096,
         max_model_len=32768,
         enable_prefix_caching=False,
+        prefix_caching_hash_algo="xxhash_cbor",
         enable_lora=True,
         max_loras=3,
         lora_modules=[LoraModule(name="sql", path="/adapters/sql")],
@@ -51,6 +54,14 @@ def test_vllm_command_line_uses_vllm_flags_only() -> None:
     assert command[command.index("--tensor-parallel-size") + 1] == "4"
     assert command[command.index("--distributed-executor-backend") + 1] == "ray"
     assert "--enable-prefix-caching" in command
+    assert command[command.index("--prefix-caching-hash-algo") + 1] == "sha256"
+
+
+def test_engines_get_a_python_hash_seed_so_their_block_hashes_agree() -> None:
+    """vLLM roots its block hashes in PYTHONHASHSEED; unset, every engine draws its own root."""
+    assert EngineConfig().environment() == {"PYTHONHASHSEED": "0"}
+    assert EngineConfig(hash_seed="17").environment() == {"PYTHONHASHSEED": "17"}
+    assert EngineConfig(hash_seed=None).environment() == {}
 
 
 def test_shipped_serve_config_validates_and_builds() -> None:
@@ -86,16 +97,26 @@ def test_bad_app_configs_are_rejected_with_the_reason(raw: dict, fragment: str) 
 
 
 def test_strategy_options_reach_the_strategies() -> None:
-    """Options are the constructors' own knobs; signal ages follow the scrape interval."""
+    """Options are the constructors' own knobs, layered: signal ages follow the scrape
+    interval, prefix strategies hash like the model's engines, then the gateway's options,
+    then the model's."""
     from serve_apps.routing import build_strategies
 
-    gateway = AppConfig.model_validate(
-        {"gateway": {"scrape_interval_s": 0.25, "strategy_options": {"prefix-cache": {"imbalance_abs": 2}}}}
-    ).gateway
-    strategies = build_strategies(0, gateway.routing_options())
-    assert strategies["prefix-cache"]._bound.absolute == 2
-    assert strategies["prefix-cache-and-load"]._bound.absolute == 8  # untouched: the default
-    assert strategies["least-kv-cache"]._max_age_s == 1.0
+    config = AppConfig.model_validate({
+        "gateway": {"scrape_interval_s": 0.25, "strategy_options": {"prefix-cache": {"imbalance_abs": 2}}},
+        "models": [
+            {"name": "a", "pool": {"engine_config": {"prefix_caching_hash_algo": "xxhash", "hash_seed": "9",
+                                                      "block_size": 32}},
+             "strategy_options": {"prefix-cache": {"imbalance_ratio": 3.0}}},
+            {"name": "b"},
+        ],
+    })  # fmt: skip
+    a = build_strategies(0, config.routing_options(config.models[0]))
+    assert (a["prefix-cache"]._bound.absolute, a["prefix-cache"]._bound.ratio) == (2, 3.0)
+    assert a["prefix-cache-and-load"].hasher.memo_key == BlockHasher("xxhash", "9", 32).memo_key
+    b = build_strategies(0, config.routing_options(config.models[1]))
+    assert b["prefix-cache"]._bound.ratio == 1.5 and b["prefix-cache"].hasher.memo_key == BlockHasher().memo_key
+    assert b["least-kv-cache"]._max_age_s == 1.0
 
 
 def test_pool_engines_answer_to_the_model_name() -> None:
