@@ -68,6 +68,20 @@ def stop_child(process: subprocess.Popen[bytes], grace_s: float) -> None:
             process.wait()
 
 
+DEFAULT_KV_EVENTS_ENDPOINT = "tcp://*:5557"  # vLLM's default
+
+
+def _with_free_ports(kv_events_config: dict, host: str) -> dict:
+    """``tcp://*:0`` endpoints get a free port here, on the engine's node: several engines
+    on one machine cannot all bind vLLM's default 5557."""
+    resolved = dict(kv_events_config)
+    for key in ("endpoint", "replay_endpoint"):
+        endpoint = resolved.get(key)
+        if isinstance(endpoint, str) and endpoint.startswith("tcp://*:") and endpoint.endswith(":0"):
+            resolved[key] = f"tcp://*:{free_port(host)}"
+    return resolved
+
+
 def log_dir() -> Path:
     path = Path(tempfile.gettempdir()) / "rayfleet" / "logs"
     path.mkdir(parents=True, exist_ok=True)
@@ -84,6 +98,8 @@ class EngineProcess:
     def __init__(self, name: str, config: EngineConfig, kind: EngineKind = "sim") -> None:
         if config.port == 0:
             config = config.model_copy(update={"port": free_port(config.host)})
+        if config.kv_events_config is not None:
+            config = config.model_copy(update={"kv_events_config": _with_free_ports(config.kv_events_config, config.host)})
         self.name = name
         self.config = config
         self.kind = kind
@@ -99,6 +115,19 @@ class EngineProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def kv_event_endpoints(self) -> tuple[str, str | None] | None:
+        """Where a subscriber connects for this engine's KV events (and their replay), or
+        None when it publishes none: the bound ``tcp://*:PORT`` as ``tcp://HOST:PORT``."""
+        events = self.config.kv_events_config
+        if not events or not events.get("enable_kv_cache_events"):
+            return None
+        host = self.url.removeprefix("http://").rsplit(":", 1)[0]
+
+        def connectable(endpoint: str | None) -> str | None:
+            return endpoint.replace("*", host, 1) if endpoint else None
+
+        return connectable(events.get("endpoint", DEFAULT_KV_EVENTS_ENDPOINT)), connectable(events.get("replay_endpoint"))
 
     async def start(self) -> None:
         """Start the process and return once ``/health`` answers 200."""

@@ -29,6 +29,8 @@ from enum import IntEnum
 from itertools import islice
 from typing import NamedTuple
 
+from rayfleet.protocol.kv_events import BlockRemoved, BlockStored, KVEvent
+
 DEFAULT_MEDIUM = "GPU"
 _TIME_BITS = 32
 _TIME_MASK = (1 << _TIME_BITS) - 1
@@ -253,3 +255,19 @@ def longest_prefix(
     for name in remaining:
         matched[name] = depth
     return matched
+
+
+def op_of_event(event: KVEvent) -> BlockOp:
+    """One engine event as the op that applies it to a (single, unsharded) index."""
+    if isinstance(event, BlockStored):
+        return BlockOp(BlockOpKind.STORED, event.block_hashes, event.medium or DEFAULT_MEDIUM)
+    if isinstance(event, BlockRemoved):
+        return BlockOp(BlockOpKind.REMOVED, event.block_hashes, event.medium or DEFAULT_MEDIUM)
+    return BlockOp(BlockOpKind.CLEARED)
+
+
+def match_in(index: BlockIndex, hashes: Sequence[int], endpoints: Iterable[str]) -> dict[str, int]:
+    """Per endpoint, the leading blocks of ``hashes`` one index says it holds."""
+    holders = index.holders()
+    holders_of = {h: holders_of_mask(mask, holders) for h, mask in zip(hashes, index.lookup(hashes)) if mask}
+    return longest_prefix(hashes, holders_of, endpoints)

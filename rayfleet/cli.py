@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_up.add_argument("--engine", choices=["sim", "vllm"], default=defaults.engine, help="simulator or real vLLM")
     p_up.add_argument("--time-scale", type=float, default=defaults.time_scale, help="simulator wall s per engine s")
     p_up.add_argument("--strategy", default=defaults.strategy, help="default routing strategy (default %(default)s)")
+    p_up.add_argument("--prefix-index", choices=["approximate", "events"], default=defaults.prefix_index,
+                      help="prefix strategies learn from routing history or from the engines' KV events")  # fmt: skip
     p_up.add_argument("--config", dest="config_file", default=None, help="application config YAML (Serve args)")
 
     commands.add_parser("down", help="stop what `rayfleet up` started")

@@ -119,6 +119,7 @@ class UpOptions:
     engine: str = "sim"
     time_scale: float = 1.0
     strategy: str = "least-request"
+    prefix_index: str = "approximate"
     config_file: str | None = None
     ready_timeout_s: float = 120.0
 
@@ -143,6 +144,7 @@ def build_config(options: UpOptions) -> dict:
             "models": [
                 {
                     "name": options.model,
+                    "prefix_index": options.prefix_index,
                     "pool": {
                         "replicas": options.engines,
                         "engine": options.engine,

@@ -1,4 +1,5 @@
-"""The rayfleet Serve application: a gateway ingress plus the engine manager.
+"""The rayfleet Serve application: a gateway ingress, the engine manager and, when a model
+routes on KV events, the manager of their subscribers.
 
 ``build_app`` is the import path for ``serve run`` / ``serve deploy`` (see
 ``serve_apps/serve_config.yaml``); ``rayfleet up`` calls it with embedded defaults.
@@ -13,9 +14,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from engines.core.tokenizer import get_tokenizer
+from kvcache.client import KVIndexClient, ensure_index
 from serve_apps.config import AppConfig
 from serve_apps.engine_pool import EngineManager
 from serve_apps.gateway import GatewayApp
+from serve_apps.kv_index import KVIndexManager
 from serve_apps.metrics import GatewayMetrics
 from serve_apps.registry import get_registry
 from serve_apps.routing.fallback import FALLBACKS
@@ -33,16 +36,26 @@ GAUGE_PUBLISH_S = 1.0
 class Gateway:
     """One gateway replica: the ASGI app plus its background registry follower."""
 
-    async def __init__(self, config: dict, engine_manager: DeploymentHandle | None = None) -> None:
+    async def __init__(
+        self,
+        config: dict,
+        engine_manager: DeploymentHandle | None = None,
+        kv_index_manager: DeploymentHandle | None = None,
+    ) -> None:
         self._tasks: list[asyncio.Task] = []
         self.scraper: MetricsScraper | None = None
         self.config = AppConfig.model_validate(config)
         # Bound into the ingress so Serve deploys the manager with the application; it is
         # never called on a request's path.
         self.engine_manager = engine_manager
+        self.kv_index_manager = kv_index_manager
         self.view = EndpointView()
         self.metrics = GatewayMetrics()
-        self.gateway_app = GatewayApp(self.config, self.view, self.metrics)
+        kv_index = None
+        if self.config.uses_kv_events:
+            settings = self.config.gateway.kv_index
+            kv_index = KVIndexClient(ensure_index(settings.num_shards, settings.max_blocks_per_shard))
+        self.gateway_app = GatewayApp(self.config, self.view, self.metrics, kv_index)
         # The prefix strategies tokenise prompts; building the vocabulary takes ~0.3 s,
         # which belongs to start-up, not to the first request that asks for them.
         get_tokenizer()
@@ -80,4 +93,5 @@ def build_app(args: dict | None = None) -> serve.Application:
         num_replicas=config.gateway.num_replicas, max_ongoing_requests=config.gateway.max_ongoing_requests
     )
     payload = config.model_dump(mode="json")
-    return gateway.bind(payload, EngineManager.bind(payload))
+    kv_index_manager = KVIndexManager.bind(payload) if config.uses_kv_events else None
+    return gateway.bind(payload, EngineManager.bind(payload), kv_index_manager)

@@ -7,7 +7,7 @@ directly. Validation errors therefore read the same everywhere.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -55,6 +55,11 @@ class ModelConfig(BaseModel):
     strategy_options: StrategyOptions = Field(
         default_factory=dict, description="per strategy, options for this model over the gateway's"
     )
+    prefix_index: Literal["approximate", "events"] = Field(
+        "approximate",
+        description="where prefix strategies learn what engines cache: the gateway's own routing "
+        "history (approximate) or the engines' KV events through the shared kvcache index (events)",
+    )
 
     @model_validator(mode="after")
     def _pool_serves_this_model(self) -> ModelConfig:
@@ -69,6 +74,18 @@ class ModelConfig(BaseModel):
         return self
 
 
+class KVIndexConfig(BaseModel):
+    """The shared KV-event index (``kvcache/``), used by models with ``prefix_index: events``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_shards: int = Field(4, ge=1, le=64)
+    max_blocks_per_shard: int = Field(2_500_000, ge=1_000, description="LRU bound; ~90 bytes per block")
+    lookup_budget_s: float = Field(
+        0.005, gt=0, le=1.0, description="longest a request waits for the index before routing on the local view"
+    )
+
+
 class GatewayConfig(BaseModel):
     """Gateway replica settings."""
 
@@ -81,6 +98,7 @@ class GatewayConfig(BaseModel):
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence allowed from an engine mid-response")
     seed: int | None = None
     scrape_interval_s: float = Field(0.5, gt=0, le=60, description="how often each engine's /metrics is read")
+    kv_index: KVIndexConfig = Field(default_factory=KVIndexConfig)
     strategy_options: StrategyOptions = Field(
         default_factory=dict,
         description="per strategy, its tuning knobs, e.g. {'prefix-cache': {'imbalance_abs': 4}}",
@@ -102,6 +120,10 @@ class AppConfig(BaseModel):
         if duplicates:
             raise ValueError(f"model listed twice: {', '.join(duplicates)}")
         return self
+
+    @property
+    def uses_kv_events(self) -> bool:
+        return any(model.prefix_index == "events" for model in self.models)
 
     def routing_options(self, model: ModelConfig | None = None) -> dict[str, dict[str, Any]]:
         """The options each strategy is built with for ``model`` (None: models not in the

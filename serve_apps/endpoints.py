@@ -5,6 +5,12 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+# Labels of an engine that publishes KV events: where to subscribe, replay, and its topic.
+LABEL_KV_EVENTS = "rayfleet.io/kv-events"
+LABEL_KV_EVENTS_REPLAY = "rayfleet.io/kv-events-replay"
+LABEL_KV_EVENTS_TOPIC = "rayfleet.io/kv-events-topic"
+
+
 class Endpoint(BaseModel):
     """One engine HTTP server (vLLM or the simulator) as the registry records it.
 

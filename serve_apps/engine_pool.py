@@ -18,7 +18,12 @@ from ray import serve
 from engines.config import EngineConfig, EngineKind
 from engines.launcher import EngineProcess
 from serve_apps.config import AppConfig, ModelConfig
-from serve_apps.endpoints import Endpoint
+from serve_apps.endpoints import (
+    LABEL_KV_EVENTS,
+    LABEL_KV_EVENTS_REPLAY,
+    LABEL_KV_EVENTS_TOPIC,
+    Endpoint,
+)
 from serve_apps.registry import get_registry
 
 logger = logging.getLogger(__name__)
@@ -33,6 +38,13 @@ class EngineActor:
 
     def __init__(self, name: str, model: str, config: EngineConfig, kind: EngineKind, labels: dict[str, str]) -> None:
         self.process = EngineProcess(name, config, kind)
+        events = self.process.kv_event_endpoints()
+        if events is not None:  # where the KV index's subscriber finds this engine's events
+            publish, replay = events
+            topic = (self.process.config.kv_events_config or {}).get("topic", "")
+            labels = {**labels, LABEL_KV_EVENTS: publish, LABEL_KV_EVENTS_TOPIC: topic}
+            if replay is not None:
+                labels[LABEL_KV_EVENTS_REPLAY] = replay
         self.endpoint = Endpoint(
             name=name, url=self.process.url, model=model, models=[model], ready=True, labels=labels, source="pool"
         )
@@ -67,6 +79,16 @@ class EngineActor:
         await asyncio.to_thread(self.process.stop)
 
 
+def kv_events_for(name: str, model: str) -> dict:
+    """The ``--kv-events-config`` of a pool engine whose model routes on KV events: vLLM's
+    ZMQ publisher with a replay socket, on ports the engine's node picks, and llm-d's topic
+    convention ``kv@<endpoint>@<model>``."""
+    return {
+        "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:0",
+        "replay_endpoint": "tcp://*:0", "topic": f"kv@{name}@{model}",
+    }  # fmt: skip
+
+
 def engine_name(model: str, index: int) -> str:
     """A readable, DNS-safe endpoint name: ``llama-3-1-8b-instruct-0``."""
     slug = re.sub(r"[^a-z0-9]+", "-", model.rsplit("/", 1)[-1].lower()).strip("-")
@@ -92,8 +114,11 @@ class EngineManager:
         for index in range(model.pool.replicas):
             name = engine_name(model.name, index)
             options = {"num_gpus": model.pool.num_gpus_per_engine} if model.pool.num_gpus_per_engine else {}
+            engine_config = model.pool.engine_config.model_copy(update={"port": 0})
+            if model.prefix_index == "events" and engine_config.kv_events_config is None:
+                engine_config.kv_events_config = kv_events_for(name, model.name)
             self.actors[name] = EngineActor.options(**options).remote(
-                name, model.name, model.pool.engine_config.model_copy(update={"port": 0}), model.pool.engine,
+                name, model.name, engine_config, model.pool.engine,
                 {"rayfleet.io/model": model.name, "rayfleet.io/engine": model.pool.engine},
             )  # fmt: skip
 

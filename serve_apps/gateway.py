@@ -16,7 +16,18 @@ from typing import Any
 
 import orjson
 
-from serve_apps.asgi import ClientDisconnected, Headers, Receive, Scope, Send, read_body, request_headers, send_response
+from kvcache.client import KVIndexClient
+from kvcache.hashing import BlockHasher
+from serve_apps.asgi import (
+    ClientDisconnected,
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    request_headers,
+    send_response,
+)
 from serve_apps.config import AppConfig
 from serve_apps.errors import GatewayError, wrap_upstream_error
 from serve_apps.metrics import GatewayMetrics
@@ -29,7 +40,15 @@ from serve_apps.routing import (
     build_strategies,
     unknown_strategy_message,
 )
-from serve_apps.upstream import UpstreamBroken, UpstreamPool, UpstreamResponse, UpstreamUnavailable
+from serve_apps.routing._prefix_common import INDEXED_MATCHES_KEY
+from serve_apps.routing.base import PREFILL_ESTIMATE_KEY
+from serve_apps.routing.prompt_blocks import block_hashes
+from serve_apps.upstream import (
+    UpstreamBroken,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamUnavailable,
+)
 from serve_apps.usage import StreamUsage, Usage, usage_from_json
 from serve_apps.view import EndpointView
 
@@ -50,6 +69,22 @@ class Relayed:
     streamed: bool
 
 
+class PrefillClaim:
+    """A request's share of its endpoint's ``prefill_backlog``, given back exactly once: at
+    the first streamed chunk (the prompt is computed), or when the request ends."""
+
+    __slots__ = ("endpoint", "tokens")
+
+    def __init__(self, endpoint: EndpointState, tokens: int) -> None:
+        self.endpoint = endpoint
+        self.tokens = tokens
+
+    def release(self) -> None:
+        if self.tokens:
+            self.endpoint.on_first_token(self.tokens)
+            self.tokens = 0
+
+
 class StrategySet:
     """Every strategy, built with one set of options; ``hooks`` are those that learn from
     finished requests (vtc-basic's served tokens)."""
@@ -64,10 +99,19 @@ class StrategySet:
 class GatewayApp:
     """OpenAI-compatible front door: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``."""
 
-    def __init__(self, config: AppConfig, view: EndpointView, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        view: EndpointView,
+        metrics: GatewayMetrics | None = None,
+        kv_index: KVIndexClient | None = None,
+    ) -> None:
         self.config = config
         self.view = view
         self.metrics = metrics
+        self._kv_index = kv_index
+        self._events_models = {m.name for m in config.models if m.prefix_index == "events"}
+        self._index_budget_s = config.gateway.kv_index.lookup_budget_s
         # One set of strategies per configured model (each with that model's options, e.g. its
         # engines' block hashing, and its own prefix index and counters), and one for names
         # the config does not list (adapters, engines registered from elsewhere).
@@ -148,10 +192,14 @@ class GatewayApp:
         hooks = strategies.hooks.get(strategy_name)
         if hooks is not None:
             hooks.on_request_start(request)
+        strategy = strategies.by_name[strategy_name]
+        hasher = getattr(strategy, "hasher", None)
+        if hasher is not None and self._kv_index is not None and model in self._events_models:
+            await self._fetch_indexed_matches(request, hasher, candidates)
         usage = Usage()
         try:
             usage = await self._route_and_relay(
-                request, strategies.by_name[strategy_name], strategy_name, candidates, body, stream, request_id,
+                request, strategy, strategy_name, candidates, body, stream, request_id,
                 route_headers, started, receive, send,
             )  # fmt: skip
         finally:
@@ -179,12 +227,13 @@ class GatewayApp:
         for attempt in range(MAX_ATTEMPTS):
             endpoint = strategy.choose(request, candidates)
             tried.append(endpoint)
-            endpoint.on_dispatch(time.monotonic())
+            prefill = PrefillClaim(endpoint, request.derived.get(PREFILL_ESTIMATE_KEY, 0))
+            endpoint.on_dispatch(time.monotonic(), prefill.tokens)
             relayed: Relayed | None = None
             try:
                 relayed = await self._relay(
                     path, body, request_id_bytes, stream, endpoint,
-                    route_headers + [(b"target-pod", endpoint.name.encode())], receive, send,
+                    route_headers + [(b"target-pod", endpoint.name.encode())], receive, send, prefill,
                 )  # fmt: skip
             except UpstreamUnavailable as exc:
                 # Nothing reached the client yet: try another endpoint once, then give up.
@@ -198,6 +247,7 @@ class GatewayApp:
                 await self._send_error(send, error, route_headers)
                 return Usage()
             finally:
+                prefill.release()
                 self._record_finish(endpoint, relayed, started)
             if self.metrics:
                 now = time.perf_counter()
@@ -238,6 +288,22 @@ class GatewayApp:
             raise GatewayError(400, "stream must be a boolean", code="invalid_type", param="stream")
         return RoutingRequest(model=model, path=path, body=parsed, headers=headers), stream
 
+    async def _fetch_indexed_matches(
+        self, request: RoutingRequest, hasher: BlockHasher, candidates: list[EndpointState]
+    ) -> None:
+        """Ask the KV-event index which candidates hold the prompt's leading blocks, within
+        the lookup budget; the strategy then reads the answer (``match_prompt``). On a miss
+        it routes on its local approximate index, which every decision keeps feeding."""
+        assert self._kv_index is not None
+        hashes = block_hashes(request, hasher)
+        if not hashes:
+            return
+        matches = await self._kv_index.lookup(hashes, [c.name for c in candidates], self._index_budget_s)
+        if self.metrics:
+            self.metrics.record_index_lookup(request.model, matches is not None)
+        if matches is not None:
+            request.derived[INDEXED_MATCHES_KEY] = (hasher.memo_key, matches)
+
     def _strategy_for(self, request: RoutingRequest) -> str:
         """The ``routing-strategy`` header, else the model's default, else the gateway's."""
         name = request.headers.get("routing-strategy") or self._model_strategy.get(request.model)
@@ -264,6 +330,7 @@ class GatewayApp:
         response_headers: Headers,
         receive: Receive,
         send: Send,
+        prefill: PrefillClaim,
     ) -> Relayed:
         """Forward one request and relay the answer.
 
@@ -275,7 +342,7 @@ class GatewayApp:
         try:
             await upstream.wait_headers(timeout_s)
             if upstream.status == 200 and stream and upstream.content_type.startswith(b"text/event-stream"):
-                return await self._relay_stream(upstream, response_headers, receive, send)
+                return await self._relay_stream(upstream, response_headers, receive, send, prefill)
             try:
                 payload = await upstream.read(timeout_s)
             except UpstreamBroken as exc:
@@ -289,7 +356,7 @@ class GatewayApp:
             pool.release(connection, upstream)
 
     async def _relay_stream(
-        self, upstream: UpstreamResponse, response_headers: Headers, receive: Receive, send: Send
+        self, upstream: UpstreamResponse, response_headers: Headers, receive: Receive, send: Send, prefill: PrefillClaim
     ) -> Relayed:
         """Relay SSE chunks as they arrive; stop (closing the engine's stream) if the client leaves."""
         await send(
@@ -307,6 +374,7 @@ class GatewayApp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if not first_byte:
                     first_byte = time.perf_counter()
+                    prefill.release()
                 usage.feed(chunk)
                 if disconnected.done():
                     # Returning before the body completes makes release() close the

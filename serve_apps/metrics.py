@@ -43,6 +43,12 @@ class GatewayMetrics:
             tag_keys=("strategy", "reason"),
         )
         self._fallbacks_published: dict[tuple[str, str], int] = {}
+        self.index_lookups = Counter(
+            "rayfleet_gateway_kv_index_lookups_total",
+            "Prefix lookups in the KV-event index, by model and outcome: found (answered in budget) "
+            "or missed (routed on the gateway's approximate index instead).",
+            tag_keys=("model", "outcome"),
+        )
         self.in_flight = Gauge(
             "rayfleet_gateway_in_flight_requests",
             "Requests this gateway replica has in flight to each endpoint.",
@@ -54,6 +60,9 @@ class GatewayMetrics:
         model_tag = {"model": model}
         self.first_byte.observe(first_byte_s, model_tag)
         self.latency.observe(total_s, model_tag)
+
+    def record_index_lookup(self, model: str, answered: bool) -> None:
+        self.index_lookups.inc(1, {"model": model, "outcome": "found" if answered else "missed"})
 
     def record_error(self, model: str, reason: str) -> None:
         self.errors.inc(1, {"model": model or "-", "reason": reason})

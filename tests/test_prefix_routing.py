@@ -14,7 +14,7 @@ from kvcache.hashing import BlockHasher
 from rayfleet.protocol.kv_events import BlockStored
 from rayfleet.protocol.openai import ChatCompletionRequest, CompletionRequest
 from serve_apps.routing import build_strategy, options_model
-from serve_apps.routing.base import EndpointState, RoutingRequest
+from serve_apps.routing.base import PREFILL_ESTIMATE_KEY, EndpointState, RoutingRequest
 from serve_apps.routing.prefix_cache import PrefixCacheStrategy
 from serve_apps.routing.prefix_cache_and_load import PrefixCacheAndLoadStrategy
 from serve_apps.routing.prefix_index import ApproximatePrefixIndex
@@ -219,6 +219,22 @@ def test_prefix_cache_and_load_weighs_partial_matches() -> None:
     # beats 1024 on the idle e1, but not 512 + 256 × 3.
     assert strategy.choose(completion(shared + token_prompt(512, 15)), fleet(1, 0)).name == "e0"
     assert strategy.choose(completion(shared + token_prompt(512, 16)), fleet(3, 0)).name == "e1"
+
+
+def test_prefix_cache_and_load_spreads_cache_misses_by_prefill_backlog() -> None:
+    """Two misses at once: the second avoids the endpoint still computing the first's
+    prompt, though in-flight counts are level; the backlog drains at the first token."""
+    strategy = PrefixCacheAndLoadStrategy(rng=random.Random(6))
+    candidates = fleet(1, 1)
+    first = completion(token_prompt(2048, 21))
+    chosen = strategy.choose(first, candidates)
+    prefill = first.derived[PREFILL_ESTIMATE_KEY]
+    assert prefill == len(prompt_token_ids(first))  # nothing cached: the whole prompt
+    chosen.on_dispatch(0.0, prefill)
+    second = strategy.choose(completion(token_prompt(2048, 22)), candidates)
+    assert second is not chosen
+    chosen.on_first_token(prefill)
+    assert chosen.prefill_backlog == 0
 
 
 @pytest.mark.parametrize("strategy_class", [PrefixCacheStrategy, PrefixCacheAndLoadStrategy])

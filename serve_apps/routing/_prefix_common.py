@@ -48,11 +48,26 @@ def least_loaded(candidates: Sequence[EndpointState], rng: random.Random) -> End
     return pick_uniform_minimum(candidates, in_flight, rng)
 
 
+# ``RoutingRequest.derived`` key of matches looked up before routing in the engines' own
+# KV events (the shared ``kvcache`` index): ``(hasher.memo_key, {endpoint: leading blocks})``.
+INDEXED_MATCHES_KEY = "kv_index_matches"
+
+
 def match_prompt(
     index: PrefixIndex, request: RoutingRequest, candidates: Sequence[EndpointState], hasher: BlockHasher
 ) -> tuple[list[int], dict[str, int]]:
-    """The request's block hashes and, per candidate name, its matched leading blocks."""
+    """The request's block hashes and, per candidate name, its matched leading blocks.
+
+    Matches the gateway fetched from the KV-event index for this request (same hashing)
+    take precedence: they are what the engines report holding. Without them (approximate
+    mode, or the index missed its time budget) the strategy's local index answers.
+    """
     hashes = block_hashes(request, hasher)
+    names = [candidate.name for candidate in candidates]
     if not hashes:
-        return hashes, dict.fromkeys((candidate.name for candidate in candidates), 0)
-    return hashes, index.match(hashes, [candidate.name for candidate in candidates])
+        return hashes, dict.fromkeys(names, 0)
+    indexed = request.derived.get(INDEXED_MATCHES_KEY)
+    if indexed is not None and indexed[0] == hasher.memo_key:
+        matches = indexed[1]
+        return hashes, {name: matches.get(name, 0) for name in names}
+    return hashes, index.match(hashes, names)

@@ -35,12 +35,21 @@ class EndpointState:
     # Requests this replica sent since ``engine_metrics`` was scraped: the scrape cannot
     # show them yet, so metric-driven strategies add them to it (see least-kv-cache).
     dispatched_since_scrape: int = 0
+    # Prompt tokens this replica sent here that the engine has not started answering yet,
+    # as the routing strategy estimated them (uncached ones, for prefix strategies): the
+    # prefill work queued ahead of a new request, which is what its TTFT waits for.
+    prefill_backlog: int = 0
 
-    def on_dispatch(self, now: float) -> None:
+    def on_dispatch(self, now: float, prefill_tokens: int = 0) -> None:
         """A request was sent here."""
         self.in_flight += 1
         self.dispatched_since_scrape += 1
+        self.prefill_backlog += prefill_tokens
         self.stats.record_start(now)
+
+    def on_first_token(self, prefill_tokens: int) -> None:
+        """The engine answered a request's prompt (or gave up on it): its prefill is done."""
+        self.prefill_backlog -= prefill_tokens
 
     def on_finish(
         self, now: float, prompt_tokens: int, output_tokens: int, ttft_s: float | None, e2e_s: float
@@ -53,6 +62,11 @@ class EndpointState:
         """A fresh scrape now accounts for everything dispatched before it."""
         self.engine_metrics = metrics
         self.dispatched_since_scrape = 0
+
+
+# ``RoutingRequest.derived`` key where a strategy leaves its estimate of the prompt tokens
+# the chosen endpoint must compute (``EndpointState.prefill_backlog`` adds it up).
+PREFILL_ESTIMATE_KEY = "prefill_estimate"
 
 
 @dataclass(slots=True)
