@@ -36,13 +36,13 @@ from pathlib import Path
 
 from bench import loadgen, routing_workloads
 from bench.errors import BenchUsageError
-from bench.fleet_sim import EngineCounters, FleetResult, FleetSimulation
+from bench.fleet_sim import EngineCounters, FleetResult, FleetSimulation, PrefixIndexMode
 from bench.routing_workloads import RoutingWorkload
 from bench.stats import BenchReport, BenchRow, RequestRecord, Slo, Warmup, compute_metrics, max_send_lag
 from bench.tables import format_table
 from engines.core.engine import EngineCoreConfig
 from engines.core.profiles import get_gpu_profile
-from serve_apps.routing import STRATEGY_CLASSES, build_strategy, strategy_names
+from serve_apps.routing import STRATEGY_CLASSES, build_strategy, options_model, strategy_names
 
 MODEL = "routing-bench-model"
 WORKLOADS = ("gsp-uniform", "gsp-zipf", "multi-turn", "azure-conv", "mooncake")
@@ -106,6 +106,8 @@ class Job:
     fleet: FleetSpec
     warmup_fraction: float
     seed: int
+    prefix_index: PrefixIndexMode = "approximate"
+    gateway_replicas: int = 1
 
 
 def warmup_of(workload: RoutingWorkload, fraction: float) -> tuple[Warmup, float]:
@@ -118,21 +120,40 @@ def warmup_of(workload: RoutingWorkload, fraction: float) -> tuple[Warmup, float
 def simulate(job: Job) -> FleetResult:
     workload = build_workload(job.workload).at_rate(job.rate)
     simulation = FleetSimulation(
-        job.fleet.engines, job.fleet.core_config(), lambda rng, clock: build_strategy(job.policy, rng, clock), job.seed
-    )
+        job.fleet.engines, job.fleet.core_config(), lambda rng, clock: build_strategy(job.policy, rng, clock), job.seed,
+        prefix_index=job.prefix_index, gateway_replicas=job.gateway_replicas,
+    )  # fmt: skip
     return simulation.run(workload, warmup_of(workload, job.warmup_fraction)[1])
+
+
+def uses_prefix_index(policy: str) -> bool:
+    """Whether ``policy`` is one of ours that routes on a prefix index (events or approximate)."""
+    return policy in STRATEGY_CLASSES and "hash_algo" in options_model(policy).model_fields
+
+
+def index_modes_of(policy: str, modes: Sequence[PrefixIndexMode]) -> Sequence[PrefixIndexMode]:
+    """The index modes to run ``policy`` under: each asked-for one if it uses an index, else one run."""
+    return modes if uses_prefix_index(policy) else modes[:1]
+
+
+def mode_label(policy: str, prefix_index: PrefixIndexMode) -> str | None:
+    """The row's ``mode``: the prefix index for our prefix strategies, the peer for a peer."""
+    if policy not in STRATEGY_CLASSES:
+        return policy
+    return prefix_index if uses_prefix_index(policy) else None
 
 
 def routing_row(
     result: FleetResult, policy: str, workload: RoutingWorkload, rate: float, load: float | None,
-    mode: str, slo: Slo, warmup_fraction: float,
+    run: str, mode: str | None, slo: Slo, warmup_fraction: float,
 ) -> BenchRow:  # fmt: skip
-    """A result row with the routing columns: hit rate and imbalance from engine counters."""
+    """A result row with the routing columns: hit rate and imbalance from engine counters,
+    ``run`` (des or live) and ``mode`` (the prefix index, or the peer's name)."""
     warmup, _ = warmup_of(workload, warmup_fraction)
     metrics = compute_metrics(result.records, slo, warmup)
     return BenchRow.from_metrics(
         metrics, policy, workload.name, rate, None,
-        mode=mode, load=load, hit_rate=hit_rate(result.engine_counters),
+        run=run, mode=mode, load=load, hit_rate=hit_rate(result.engine_counters),
         imbalance=imbalance(result.engine_counters), preemptions=sum(c.preemptions for c in result.engine_counters),
     )  # fmt: skip
 
@@ -153,7 +174,11 @@ def imbalance(counters: Sequence[EngineCounters]) -> float | None:
 def _job_row(job: Job, slo: Slo) -> BenchRow:
     result = simulate(job)
     workload = build_workload(job.workload).at_rate(job.rate)
-    return routing_row(result, job.policy, workload, job.rate, job.load, "des", slo, job.warmup_fraction)
+    row = routing_row(
+        result, job.policy, workload, job.rate, job.load, "des", mode_label(job.policy, job.prefix_index), slo,
+        job.warmup_fraction,
+    )  # fmt: skip
+    return row.model_copy(update={"gateway_replicas": job.gateway_replicas})
 
 
 def keeps_up(records: Sequence[RequestRecord], warmup: Warmup) -> bool:
@@ -233,6 +258,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--live-policies", default=None, help="rayfleet strategies for live runs (default: --policies)")
     parser.add_argument("--peers", default=",".join(DEFAULT_PEERS), help="'sglang-router:POLICY,vllm-router:POLICY' or 'none'")
     parser.add_argument("--mode", choices=("des", "live", "both"), default="both")
+    parser.add_argument("--prefix-index", default="approximate",
+                        help="prefix strategies' index: approximate, events, or both ('approximate,events')")  # fmt: skip
+    parser.add_argument("--gateway-replicas", type=int, default=1,
+                        help="gateway replicas, each with its own view and approximate index (load balanced in turn)")  # fmt: skip
     parser.add_argument("--engines", type=int, default=8)
     parser.add_argument("--gpu", default="h100", help="engine profile: a100, h100, h200, l40s")
     parser.add_argument("--groups", type=int, default=512, help="shared-prefix groups (size them against KV capacity)")
@@ -270,6 +299,7 @@ class Plan:
     policies: list[str]
     live_policies: list[str]
     peers: list[str]
+    index_modes: list[PrefixIndexMode]
     fleet: FleetSpec
     slo: Slo
     notes: list[str] = field(default_factory=list)
@@ -306,8 +336,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             PeerSpec.parse(label)
         except ValueError as exc:
             raise BenchUsageError(str(exc))
-    if args.engines < 1:
-        raise BenchUsageError(f"--engines must be >= 1, got {args.engines}")
+    index_modes = _split(args.prefix_index)
+    bad_modes = [m for m in index_modes if m not in ("approximate", "events")]
+    if bad_modes or not index_modes:
+        raise BenchUsageError(f"--prefix-index takes approximate and/or events, got {args.prefix_index!r}")
+    if args.engines < 1 or args.gateway_replicas < 1:
+        raise BenchUsageError(f"--engines and --gateway-replicas must be >= 1, got {args.engines}, {args.gateway_replicas}")
     if not 0 <= args.warmup < 1:
         raise BenchUsageError(f"--warmup is a fraction in [0, 1), got {args.warmup}")
     if args.saturation is not None and args.saturation <= 0:
@@ -326,7 +360,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         for name in names
     ]
     fleet = FleetSpec(args.engines, args.gpu)
-    return Plan(workloads, policies, live_policies, peers, fleet, Slo(args.slo_ttft, args.slo_tpot))
+    return Plan(workloads, policies, live_policies, peers, index_modes, fleet, Slo(args.slo_ttft, args.slo_tpot))
 
 
 def _policies(text: str) -> list[str]:
@@ -350,10 +384,11 @@ def _rates(args: argparse.Namespace, saturation: float | None, loads: list[float
 
 def run_des(plan: Plan, args: argparse.Namespace, saturations: dict[str, float]) -> list[BenchRow]:
     jobs = [
-        Job(policy, workload, rate, load, plan.fleet, args.warmup, args.seed)
+        Job(policy, workload, rate, load, plan.fleet, args.warmup, args.seed, index, args.gateway_replicas)
         for workload in plan.workloads
         for rate, load in _rates(args, saturations.get(workload.name), args.load)
         for policy in plan.policies
+        for index in index_modes_of(policy, plan.index_modes)
     ]
     _log(f"bench routing: {len(jobs)} simulated runs on {args.jobs} process(es)")
     if args.jobs <= 1:
@@ -362,22 +397,44 @@ def run_des(plan: Plan, args: argparse.Namespace, saturations: dict[str, float])
         return list(pool.map(_job_row, jobs, [plan.slo] * len(jobs)))
 
 
-def run_live_sweep(plan: Plan, args: argparse.Namespace, saturations: dict[str, float]) -> list[BenchRow]:
-    from bench.peers import PeerSpec, running_peer
-    from bench.routing_live import LiveRun, reset_prefix_caches, run_live
-    from rayfleet.stack import port_in_use, running_stack, wait_for_engines
-
-    if port_in_use("127.0.0.1", args.port):
-        raise BenchUsageError(f"port {args.port} is in use: pass --port N (or stop `rayfleet up` first)")
-    config = {
-        "gateway": {"default_strategy": "random", "seed": args.seed},
+def _live_config(plan: Plan, args: argparse.Namespace, prefix_index: PrefixIndexMode) -> dict:
+    return {
+        "gateway": {"default_strategy": "random", "seed": args.seed, "num_replicas": args.gateway_replicas},
         "models": [{
             "name": MODEL,
+            "prefix_index": prefix_index,
             "pool": {"replicas": plan.fleet.engines, "engine_config": {
                 "model": MODEL, "sim": {"gpu": plan.fleet.gpu, "time_scale": args.time_scale, "seed": args.seed},
             }},
         }],
     }  # fmt: skip
+
+
+def run_live_sweep(plan: Plan, args: argparse.Namespace, saturations: dict[str, float]) -> list[BenchRow]:
+    """One stack per prefix-index mode (the mode is per model, fixed at deployment): the
+    first serves every live policy and the peers, later ones only the prefix strategies."""
+    from rayfleet.stack import port_in_use
+
+    if port_in_use("127.0.0.1", args.port):
+        raise BenchUsageError(f"port {args.port} is in use: pass --port N (or stop `rayfleet up` first)")
+    rows: list[BenchRow] = []
+    for position, prefix_index in enumerate(plan.index_modes):
+        policies = [p for p in plan.live_policies if position == 0 or uses_prefix_index(p)]
+        peers = plan.peers if position == 0 else []
+        if policies or peers:
+            rows += _live_stack(plan, args, saturations, prefix_index, policies, peers)
+    return rows
+
+
+def _live_stack(
+    plan: Plan, args: argparse.Namespace, saturations: dict[str, float], prefix_index: PrefixIndexMode,
+    policies: list[str], peers: list[str],
+) -> list[BenchRow]:  # fmt: skip
+    from bench.peers import PeerSpec, running_peer
+    from bench.routing_live import LiveRun, reset_prefix_caches, run_live
+    from rayfleet.stack import running_stack, wait_for_engines
+
+    config = _live_config(plan, args, prefix_index)
     rows: list[BenchRow] = []
     salt = int(time.time())
     with running_stack(config, "127.0.0.1", args.port, include_dashboard=False) as stack:
@@ -391,9 +448,9 @@ def run_live_sweep(plan: Plan, args: argparse.Namespace, saturations: dict[str, 
                 workload = base.at_rate(rate)
                 measure_from = warmup_of(workload, args.warmup)[1]
                 targets: list[tuple[str, Callable[[], object]]] = []
-                for policy in plan.live_policies:
+                for policy in policies:
                     targets.append((policy, lambda: nullcontext(stack.gateway_url)))
-                for label in plan.peers:
+                for label in peers:
                     targets.append((label, lambda label=label: running_peer(PeerSpec.parse(label), list(urls))))
                 for policy, open_target in targets:
                     salt += 1
@@ -401,11 +458,17 @@ def run_live_sweep(plan: Plan, args: argparse.Namespace, saturations: dict[str, 
                     with open_target() as base_url:  # type: ignore[attr-defined]
                         headers = (("routing-strategy", policy),) if policy in STRATEGY_CLASSES else ()
                         run = LiveRun(loadgen.Target(base_url, MODEL), urls, args.time_scale, salt, headers)
-                        _log(f"bench routing: live {policy} on {spec.name} at {rate:.1f} req/s "
-                             f"({len(workload.requests)} requests, ~{workload.requests[-1].send_at * args.time_scale:.0f} s)")  # fmt: skip
+                        _log(f"bench routing: live {policy} ({mode_label(policy, prefix_index) or '-'}) on {spec.name} "
+                             f"at {rate:.1f} req/s ({len(workload.requests)} requests, "
+                             f"~{workload.requests[-1].send_at * args.time_scale:.0f} s)")  # fmt: skip
                         result = loadgen.run(run_live(run, workload, measure_from))
-                    row = routing_row(result, policy, workload, rate, load, "live", plan.slo, args.warmup)
-                    row = row.model_copy(update={"max_send_lag_s": max_send_lag(result.records)})
+                    row = routing_row(
+                        result, policy, workload, rate, load, "live", mode_label(policy, prefix_index), plan.slo,
+                        args.warmup,
+                    )  # fmt: skip
+                    row = row.model_copy(
+                        update={"gateway_replicas": args.gateway_replicas, "max_send_lag_s": max_send_lag(result.records)}
+                    )
                     _log(f"  TTFT p90 {row.ttft_p90_s or 0:.3f} s, hit rate {row.hit_rate or 0:.2f}, errors {row.errors}")
                     rows.append(row)
     return rows

@@ -155,6 +155,28 @@ def test_signal_strategies_run_on_the_virtual_clock() -> None:
     assert FALLBACKS.snapshot() == before
 
 
+def test_events_index_beats_approximate_when_replicas_split_the_history() -> None:
+    """Four gateway replicas each remember only their own decisions, so an approximate
+    index scatters a system prompt over several engines and the caches thrash; the
+    KV-event index is one truth for all of them. Same requests, same fleet, same seeds."""
+    workload = shared_prefix(num_groups=24, prompts_per_group=8, system_prompt_len=512, question_len=16,
+                             output_len=16).at_rate(30.0)  # fmt: skip
+    config = EngineCoreConfig(gpu="h100", num_gpu_blocks=400)  # ~6 system prompts per engine; 24 need all 4
+
+    def hits(mode: str) -> float:
+        simulation = FleetSimulation(
+            4, config, lambda rng, clock: build_strategy("prefix-cache-and-load", rng, clock), seed=3,
+            prefix_index=mode, gateway_replicas=4,
+        )  # fmt: skip
+        result = simulation.run(workload, workload.requests[48].send_at)
+        assert all(r.ok for r in result.records)
+        rate = hit_rate(result.engine_counters)
+        assert rate is not None
+        return rate
+
+    assert hits("events") > hits("approximate") + 0.1
+
+
 def test_keeps_up_compares_completions_with_arrivals() -> None:
     def records(service_gap: float) -> list[RequestRecord]:
         # One arrival per second; each request ends 3 s after it arrives, or queues behind the previous one.
@@ -200,7 +222,7 @@ def test_simulated_sweep_writes_table_json_and_plot(tmp_path: Path, capsys: pyte
     assert {(r["policy"], r["load"]) for r in rows} == {
         (p, load) for p in ("random", "prefix-cache-and-load") for load in (0.5, 0.9)
     }
-    assert all(r["mode"] == "des" and r["errors"] == 0 and 0 <= r["hit_rate"] <= 1 and r["imbalance"] >= 1 for r in rows)
+    assert all(r["run"] == "des" and r["errors"] == 0 and 0 <= r["hit_rate"] <= 1 and r["imbalance"] >= 1 for r in rows)
     assert report["meta"]["saturation_rps"]["gsp-uniform"] > 0
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
@@ -240,6 +262,7 @@ def test_live_run_through_the_gateway_and_a_peer(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["policy"] for r in rows] == ["prefix-cache-and-load", "sglang-router:cache_aware"]
+    assert [r["mode"] for r in rows] == ["approximate", "sglang-router:cache_aware"]
     for row in rows:
-        assert row["mode"] == "live" and row["errors"] == 0 and row["completed"] > 0
+        assert row["run"] == "live" and row["errors"] == 0 and row["completed"] > 0
         assert row["hit_rate"] > 0 and row["ttft_p50_s"] < 5.0  # engine seconds, not wall seconds
