@@ -18,6 +18,7 @@ BENCHMARKS: tuple[str, ...] = (
     "bench.client_ceiling",
     "bench.overhead",
     "bench.routing",
+    "bench.kvindex",
 )
 
 
