@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
         (f"took {time.monotonic() - started:.0f} s; 1-minute load average {load_before:.1f} before, "
          f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores (anything else running skews every figure)"),
     ]  # fmt: skip
-    print(format_table(rows))  # type: ignore[arg-type]  # it only needs model_dump()
+    print(format_table(rows))
     print("\n".join(notes))
     if args.out:
         meta = {"endpoints": args.endpoints, "hash_algo": args.hash_algo, "budget_s": args.budget, "seed": args.seed,

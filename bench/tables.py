@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from bench.stats import MS_PER_S, BenchRow, Distribution, Metrics
+from pydantic import BaseModel
+
+from bench.stats import MS_PER_S, Distribution, Metrics
 
 # (row key, header, scale): latencies shown in ms, rates as they are.
 _COLUMNS: tuple[tuple[str, str, float], ...] = (
@@ -45,8 +47,9 @@ def _cell(value: object, scale: float) -> str:
     return f"{scaled:.2f}" if abs(scaled) >= 1 else f"{scaled:.3g}"
 
 
-def format_table(rows: Iterable[BenchRow]) -> str:
-    """Markdown table; columns empty in every row are dropped, extras are appended as-is."""
+def format_table(rows: Iterable[BaseModel]) -> str:
+    """Markdown table of any benchmark's rows (``BenchRow`` columns first, in their order);
+    columns empty in every row are dropped, other fields are appended as-is."""
     dumped = [row.model_dump() for row in rows]
     columns = [c for c in _COLUMNS if any(d.get(c[0]) is not None for d in dumped)]
     known = {c[0] for c in _COLUMNS} | _HIDDEN
