@@ -12,11 +12,17 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from kvcache.index import longest_prefix
+
 
 class PrefixIndex(Protocol):
     def match(self, block_hashes: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
-        """Per candidate name, how many leading blocks of ``block_hashes`` it holds (0 if none)."""
-        ...
+        matched = longest_prefix(block_hashes, self._holders, candidates)
+        # The matched chain was just used: touch it tail first, so its head stays newest.
+        move_to_end = self._holders.move_to_end
+        for index in range(max(matched.values(), default=0) - 1, -1, -1):
+            move_to_end(block_hashes[index])
+        return matched
 
     def record(self, block_hashes: Sequence[int], endpoint: str) -> None:
         """``endpoint`` now holds these blocks."""
