@@ -2,8 +2,10 @@
 
 ``PrefixIndex`` is what the prefix strategies consult. ``ApproximatePrefixIndex`` learns
 only from the gateway's own routing decisions (an endpoint that was sent a prompt is
-assumed to cache it); an index fed by the engines' KV events can implement the same
-Protocol and replace it without touching the strategies.
+assumed to cache it). The engines' own KV events live in the shared ``kvcache`` index on
+Ray actors, which a strategy cannot await: the gateway looks a prompt up there before
+routing and hands the answer over in ``RoutingRequest.derived``
+(``_prefix_common.match_prompt`` prefers it), so this local index is the fallback.
 """
 
 from __future__ import annotations
