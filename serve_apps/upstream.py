@@ -31,7 +31,7 @@ class UpstreamBroken(ConnectionError):
 class UpstreamResponse:
     """One response as it arrives: status and content type first, then body chunks."""
 
-    __slots__ = ("status", "content_type", "keep_alive", "_chunks", "_complete", "_error", "_waiter", "_headers_done")
+    __slots__ = ("status", "content_type", "keep_alive", "_chunks", "_complete", "_error", "_waiter", "_headers_done", "_last_data", "_watchdog")
 
     def __init__(self) -> None:
         self.status = 0
@@ -41,6 +41,8 @@ class UpstreamResponse:
         self._complete = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future | None = None
+        self._last_data = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self._headers_done = asyncio.get_running_loop().create_future()
 
     # -- fed by the protocol ------------------------------------------------------------
@@ -49,6 +51,7 @@ class UpstreamResponse:
             self._waiter.set_result(None)
 
     def _add_chunk(self, data: bytes) -> None:
+        self._last_data = time.monotonic()
         self._chunks.append(data)
         self._wake()
 
@@ -72,19 +75,39 @@ class UpstreamResponse:
             raise UpstreamUnavailable(f"no response within {timeout_s:.0f}s") from None
 
     async def chunks(self, timeout_s: float) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive; raises ``UpstreamBroken`` if the body breaks off."""
-        while True:
-            while self._chunks:
-                yield self._chunks.popleft()
-            if self._complete:
-                if self._error is not None:
-                    raise UpstreamBroken(str(self._error))
-                return
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(self._waiter, timeout_s)
-            except TimeoutError:
-                raise UpstreamBroken(f"engine silent for {timeout_s:.0f}s") from None
+        """Body chunks as they arrive, those already buffered joined into one; raises
+        ``UpstreamBroken`` if the body breaks off or the engine stays silent for ``timeout_s``.
+
+        A stream is hundreds of chunks, so the silence limit is one watchdog timer per
+        response that re-arms itself, not a ``wait_for`` (a timer and a cancel) per chunk.
+        """
+        loop = asyncio.get_running_loop()
+        self._last_data = time.monotonic()
+        self._watchdog = loop.call_later(timeout_s, self._check_silence, timeout_s)
+        try:
+            while True:
+                if self._chunks:
+                    chunks = self._chunks
+                    yield chunks.popleft() if len(chunks) == 1 else b"".join([chunks.popleft() for _ in range(len(chunks))])
+                    continue
+                if self._complete:
+                    if self._error is not None:
+                        raise UpstreamBroken(str(self._error))
+                    return
+                self._waiter = loop.create_future()
+                await self._waiter
+        finally:
+            self._watchdog.cancel()
+
+    def _check_silence(self, timeout_s: float) -> None:
+        silent_for = time.monotonic() - self._last_data
+        waiting = self._waiter is not None and not self._waiter.done()
+        if silent_for >= timeout_s and waiting:
+            self._waiter.set_exception(UpstreamBroken(f"engine silent for {timeout_s:.0f}s"))
+            return
+        # Data came meanwhile, or the reader is busy relaying what came (a slow client).
+        delay = timeout_s - silent_for if silent_for < timeout_s else timeout_s
+        self._watchdog = asyncio.get_running_loop().call_later(delay, self._check_silence, timeout_s)
 
     async def read(self, timeout_s: float) -> bytes:
         parts = [chunk async for chunk in self.chunks(timeout_s)]

@@ -96,3 +96,16 @@ def test_decode_rejects_out_of_range_ids(tokenizer: Tokenizer) -> None:
         tokenizer.decode([128256])
     with pytest.raises(ValueError):
         tokenizer.decode([-1])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_text_encoded_in_memoised_spans_equals_one_pass(tokenizer: Tokenizer, seed: int) -> None:
+    """Span cuts never change the ids, whatever the whitespace and punctuation at the cut."""
+    rng = random.Random(seed)
+    alphabet = [" ", "  ", "\n", "\t", "a", "zo", ".", ",", "!!", "é", "_", "9", " x", " \n ", "—"]
+    for _ in range(300):
+        text = tokenizer.decode(rng.choices(range(NUM_WORD_TOKENS), k=rng.randrange(1, 900)))
+        text += "".join(rng.choices(alphabet, k=rng.randrange(1, 1500)))
+        one_pass = tokenizer._encode_span_uncached(text)
+        assert tokenizer.encode(text) == one_pass
+        assert tokenizer.encode(text) == one_pass  # again, from the memoised spans

@@ -44,6 +44,11 @@ _SPECIAL_SPLIT = re.compile(r"(<\|[A-Za-z0-9_]+\|>)")
 # GPT-2 style pre-tokenisation: a word with its leading space, a punctuation run, or
 # whitespace that leaves its last space to the following word.
 _PIECE = re.compile(r"\s?\w+|\s?[^\w\s]+|\s+(?!\S)|\s+")
+# A space between a non-space and a word character always starts a piece, and no piece
+# reaches across it, so text cut there encodes to the same ids in parts as whole.
+_SPAN_BOUNDARY = re.compile(r"(?<=\S) (?=\w)")
+_SPAN_CHARS = 1024  # long text is encoded in memoised spans of about this many characters
+_SPAN_CACHE_SIZE = 8192
 
 
 def _special_tokens() -> dict[int, str]:
@@ -95,6 +100,7 @@ class Tokenizer:
         self._word_to_id: dict[str, int] = {word: token_id for token_id, word in enumerate(words)}
         self._pieces: list[str] = words + [specials[i] for i in range(NUM_WORD_TOKENS, VOCAB_SIZE)]
         self._special_to_id: dict[str, int] = {name: token_id for token_id, name in specials.items()}
+        self._encode_span = functools.lru_cache(maxsize=_SPAN_CACHE_SIZE)(self._encode_span_uncached)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; special-token strings in it become their ids, as in HF."""
@@ -111,13 +117,35 @@ class Tokenizer:
         return ids
 
     def _encode_plain(self, text: str, out: list[int]) -> None:
+        """Encode special-free text.
+
+        Long prompts mostly repeat text already seen (a shared system prompt, a chat's
+        history), and both the gateway and the engine encode every one of them on the
+        request's path. So long text is cut at piece boundaries into spans of about
+        ``_SPAN_CHARS`` characters and each span's ids are memoised: a repeated prefix costs
+        a string hash per span instead of a regex pass and a lookup per token.
+        """
+        if len(text) < 2 * _SPAN_CHARS:
+            out.extend(self._encode_span_uncached(text))
+            return
+        start = 0
+        while start < len(text):
+            boundary = _SPAN_BOUNDARY.search(text, start + _SPAN_CHARS)
+            end = boundary.start() if boundary is not None else len(text)
+            out.extend(self._encode_span(text[start:end]))
+            start = end
+
+    def _encode_span_uncached(self, text: str) -> list[int]:
+        """Ids of one span; memoised lists are shared, so callers copy them, never mutate."""
+        ids: list[int] = []
         lookup = self._word_to_id.get
         for piece in _PIECE.findall(text):
             token_id = lookup(piece)
             if token_id is None:
-                out.extend(_chunk_ids(piece))
+                ids.extend(_chunk_ids(piece))
             else:
-                out.append(token_id)
+                ids.append(token_id)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         if not ids:
