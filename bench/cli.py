@@ -19,6 +19,7 @@ BENCHMARKS: tuple[str, ...] = (
     "bench.overhead",
     "bench.routing",
     "bench.kvindex",
+    "bench.ratelimit",
 )
 
 

@@ -55,7 +55,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(bench_run=run)
 
 
-def _config() -> dict:
+def instant_workload(args: argparse.Namespace) -> Workload:
+    return Workload(
+        name="instant-engine",
+        api="chat",
+        lengths=LengthPool.fixed(args.input_len, args.output_len),
+        prompts=PromptBuilder(get_tokenizer(), seed=0, salt=1),
+    )
+
+
+def instant_config() -> dict:
+    """One engine on the ``instant`` profile: what is measured is the path, not the engine."""
     return {
         "models": [
             {
@@ -66,8 +76,11 @@ def _config() -> dict:
     }
 
 
-def _measure(url: str, workload: Workload, concurrency: int, args: argparse.Namespace) -> BenchRow:
-    target = loadgen.Target(base_url=url, model=MODEL, stream=args.stream, timeout_s=30.0)
+def measure(
+    url: str, workload: Workload, concurrency: int, args: argparse.Namespace, api_key: str | None = None
+) -> BenchRow:
+    """One closed-loop run at ``concurrency`` for ``args.duration`` seconds, with wrk or the python client."""
+    target = loadgen.Target(base_url=url, model=MODEL, stream=args.stream, api_key=api_key, timeout_s=30.0)
     if args.client == "wrk":  # wrk replays one fixed body
         return _measure_wrk(loadgen.prepare(workload.spec(0), target), concurrency, args)
     prepared = [loadgen.prepare(workload.spec(i), target) for i in range(256)]
@@ -82,6 +95,7 @@ _WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
+{headers}
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %d %d %d %d %f %f %f\\n", summary.requests, summary.duration,
     summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
@@ -95,7 +109,8 @@ def _measure_wrk(request: loadgen.PreparedRequest, concurrency: int, args: argpa
     """One closed-loop run with wrk; its Lua ``done`` hook reports counts and latency percentiles."""
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
-        script.write_text(_WRK_SCRIPT.format(body=json.dumps(request.body.decode())))
+        headers = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in request.headers.items())
+        script.write_text(_WRK_SCRIPT.format(body=json.dumps(request.body.decode()), headers=headers))
         command = ["wrk", "-t1", f"-c{concurrency}", f"-d{args.duration:g}s", "--timeout", "30s", "-s", str(script), request.url]
         output = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 60).stdout
     match = _WRK_RESULT.search(output)
@@ -120,19 +135,14 @@ def run(args: argparse.Namespace) -> int:
         raise BenchUsageError("--client wrk needs wrk installed (apt-get install wrk) and non-streaming load")
     if port_in_use("127.0.0.1", args.port):
         raise BenchUsageError(f"port {args.port} is in use: pass --port N (or stop `rayfleet up` first)")
-    workload = Workload(
-        name="instant-engine",
-        api="chat",
-        lengths=LengthPool.fixed(args.input_len, args.output_len),
-        prompts=PromptBuilder(get_tokenizer(), seed=0, salt=1),
-    )
-    config = _config()
+    workload = instant_workload(args)
+    config = instant_config()
     rows: list[BenchRow] = []
     with running_stack(config, "127.0.0.1", args.port, include_dashboard=False) as stack:
         (engine,) = [e for e in wait_for_engines(config, 120.0, threading.Event()) if e.model == MODEL]
         for concurrency in args.concurrency:
             for policy, url in (("direct", engine.url), ("gateway", stack.gateway_url)):
-                row = _measure(url, workload, concurrency, args)
+                row = measure(url, workload, concurrency, args)
                 rows.append(row.model_copy(update={"policy": policy}))
                 print(f"  c={concurrency:<3} {policy:<8} {row.achieved_rps:8.0f} req/s  E2E p50 "
                       f"{(row.e2e_p50_s or 0) * 1e3:.3f} ms", file=sys.stderr, flush=True)  # fmt: skip

@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_up.add_argument("--strategy", default=defaults.strategy, help="default routing strategy (default %(default)s)")
     p_up.add_argument("--prefix-index", choices=["approximate", "events"], default=defaults.prefix_index,
                       help="prefix strategies learn from routing history or from the engines' KV events")  # fmt: skip
+    p_up.add_argument("--redis", default=None, metavar="URL",
+                      help="keep users and limits in Redis (redis://HOST:PORT/DB); default: an embedded store")
+    p_up.add_argument("--admin-token", default=None, help="bearer token for the user API (default: generated, printed)")
+    p_up.add_argument("--require-api-keys", action="store_true", help="trust API keys only, not a bare 'user' header")
+    p_up.add_argument("--anonymous", choices=["allow", "reject"], default=defaults.anonymous,
+                      help="requests without a user or key: served without limits (allow) or 401 (reject)")
     p_up.add_argument("--config", dest="config_file", default=None, help="application config YAML (Serve args)")
 
     commands.add_parser("down", help="stop what `rayfleet up` started")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -120,6 +121,10 @@ class UpOptions:
     time_scale: float = 1.0
     strategy: str = "least-request"
     prefix_index: str = "approximate"
+    redis: str | None = None
+    admin_token: str | None = None
+    require_api_keys: bool = False
+    anonymous: str = "allow"
     config_file: str | None = None
     ready_timeout_s: float = 120.0
 
@@ -141,6 +146,13 @@ def build_config(options: UpOptions) -> dict:
     else:
         raw = {
             "gateway": {"default_strategy": options.strategy},
+            "users": {
+                "enabled": True,
+                "store": options.redis or "embedded",
+                "admin_token": options.admin_token or secrets.token_urlsafe(24),
+                "require_api_keys": options.require_api_keys,
+                "anonymous": options.anonymous,
+            },
             "models": [
                 {
                     "name": options.model,
@@ -212,6 +224,7 @@ def up(options: UpOptions) -> int:
     if options.engine == "vllm" and not _vllm_installed():
         raise UsageError("--engine vllm needs vLLM on this machine: pip install 'rayfleet[vllm]' (GPU nodes only)")
     config = build_config(options)
+    _check_redis(config["users"])
     stop = threading.Event()
     state_path().parent.mkdir(parents=True, exist_ok=True)
     with running_stack(config, options.host, options.port, options.address) as state:
@@ -223,7 +236,7 @@ def up(options: UpOptions) -> int:
         state_path().write_text(state.model_dump_json())
         endpoints = wait_for_engines(config, options.ready_timeout_s, stop)
         if not stop.is_set():
-            _print_summary(state, endpoints)
+            _print_summary(state, endpoints, config["users"])
         while not stop.wait(0.5):
             pass
         print("rayfleet: shutting down ...", file=sys.stderr, flush=True)
@@ -258,8 +271,24 @@ def wait_for_engines(config: dict, timeout_s: float, stop: threading.Event) -> l
     return endpoints
 
 
-def _print_summary(state: StackState, endpoints: list) -> None:
+def _check_redis(users: dict) -> None:
+    """Refuse to start on a Redis that does not answer: limits would silently fail open."""
+    if not users["enabled"] or users["store"] == "embedded":
+        return
+    import redis
+
+    try:
+        redis.Redis.from_url(users["store"], socket_timeout=2, socket_connect_timeout=2).ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise UsageError(f"cannot reach Redis at {users['store']} ({exc}): start redis-server there, or drop --redis "
+                         "to use the embedded store") from None  # fmt: skip
+
+
+def _print_summary(state: StackState, endpoints: list, users: dict) -> None:
     lines = [f"rayfleet is up (pid {state.pid})", f"  gateway    {state.gateway_url}  (OpenAI API: {state.gateway_url}/v1)"]
+    if users["enabled"]:
+        where = "embedded store" if users["store"] == "embedded" else users["store"]
+        lines.append(f"  users      {state.gateway_url}/v1/users ({where}); admin token: {users['admin_token']}")
     if state.dashboard_url:
         lines.append(f"  dashboard  {state.dashboard_url}")
     lines.append(f"  ray        {state.ray_address}")

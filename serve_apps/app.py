@@ -1,5 +1,5 @@
-"""The rayfleet Serve application: a gateway ingress, the engine manager and, when a model
-routes on KV events, the manager of their subscribers.
+"""The rayfleet Serve application: a gateway ingress, the engine manager, the user service
+when limits are on and, when a model routes on KV events, the manager of their subscribers.
 
 ``build_app`` is the import path for ``serve run`` / ``serve deploy`` (see
 ``serve_apps/serve_config.yaml``); ``rayfleet up`` calls it with embedded defaults.
@@ -8,6 +8,7 @@ routes on KV events, the manager of their subscribers.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from pydantic import ValidationError
 from ray import serve
@@ -23,9 +24,15 @@ from serve_apps.metrics import GatewayMetrics
 from serve_apps.registry import get_registry
 from serve_apps.routing.fallback import FALLBACKS
 from serve_apps.scraper import MetricsScraper
+from serve_apps.users import open_store
+from serve_apps.users.limiter import Limiter
+from serve_apps.users.service import UserService
 from serve_apps.view import EndpointView
 
 GAUGE_PUBLISH_S = 1.0
+VIEW_LOAD_TIMEOUT_S = 10.0
+
+logger = logging.getLogger(__name__)
 
 
 @serve.deployment(
@@ -41,6 +48,7 @@ class Gateway:
         config: dict,
         engine_manager: DeploymentHandle | None = None,
         kv_index_manager: DeploymentHandle | None = None,
+        user_service: DeploymentHandle | None = None,
     ) -> None:
         self._tasks: list[asyncio.Task] = []
         self.scraper: MetricsScraper | None = None
@@ -50,12 +58,18 @@ class Gateway:
         self.engine_manager = engine_manager
         self.kv_index_manager = kv_index_manager
         self.view = EndpointView()
+        await self._load_view()
         self.metrics = GatewayMetrics()
         kv_index = None
         if self.config.uses_kv_events:
             settings = self.config.gateway.kv_index
             kv_index = KVIndexClient(ensure_index(settings.num_shards, settings.max_blocks_per_shard))
-        self.gateway_app = GatewayApp(self.config, self.view, self.metrics, kv_index)
+        limiter = user_api = None
+        if self.config.users.enabled and user_service is not None:
+            # Admission goes to the store directly; only user-API calls take the handle hop.
+            limiter = Limiter(self.config.users, open_store(self.config.users))
+            user_api = user_service.handle.remote
+        self.gateway_app = GatewayApp(self.config, self.view, self.metrics, kv_index, limiter, user_api)
         # The prefix strategies tokenise prompts; building the vocabulary takes ~0.3 s,
         # which belongs to start-up, not to the first request that asks for them.
         get_tokenizer()
@@ -65,15 +79,26 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.view.follow(get_registry)), loop.create_task(self._publish_gauges())]
 
+    async def _load_view(self) -> None:
+        """Start from the registry's current table: a replica that replaces a dead one must
+        know the engines before Serve sends it requests, or it would answer 400 (unknown
+        model) for models that are being served."""
+        try:
+            self.view.apply(await asyncio.wait_for(get_registry().snapshot.remote(), VIEW_LOAD_TIMEOUT_S))
+        except Exception as exc:  # no registry yet (first start) or a slow one: follow() catches up
+            logger.warning("starting without the endpoint table: %r", exc)
+
     def __serve_build_asgi_app__(self) -> GatewayApp:
         return self.gateway_app
 
     async def _publish_gauges(self) -> None:
-        """In-flight counts and routing fallbacks, on a timer rather than per request."""
+        """In-flight counts, routing fallbacks and rate-limit decisions, on a timer rather than per request."""
         while True:
             await asyncio.sleep(GAUGE_PUBLISH_S)
             self.metrics.publish_in_flight({e.name: e.in_flight for e in self.view.endpoints()})
             self.metrics.publish_fallbacks(FALLBACKS.snapshot())
+            if self.gateway_app.limiter is not None:
+                self.metrics.publish_admissions(self.gateway_app.limiter.outcomes)
 
     async def __del__(self) -> None:
         for task in self._tasks:
@@ -94,4 +119,8 @@ def build_app(args: dict | None = None) -> serve.Application:
     )
     payload = config.model_dump(mode="json")
     kv_index_manager = KVIndexManager.bind(payload) if config.uses_kv_events else None
-    return gateway.bind(payload, EngineManager.bind(payload), kv_index_manager)
+    user_service = UserService.bind(payload["users"]) if config.users.enabled else None
+    # The engine manager gets only the models: a change to the gateway's or the users'
+    # settings then redeploys the gateway alone, and the engines keep running.
+    engine_manager = EngineManager.bind({"models": payload["models"]})
+    return gateway.bind(payload, engine_manager, kv_index_manager, user_service)

@@ -108,12 +108,47 @@ class GatewayConfig(BaseModel):
     )
 
 
+class UsersConfig(BaseModel):
+    """Users, API keys and per-user RPM/TPM limits (``serve_apps/users``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="identify callers and enforce their limits; serve the user API")
+    store: str = Field(
+        "embedded",
+        description="'embedded' (a SQLite file on this node, for one machine) or a Redis URL redis://HOST:PORT/DB",
+    )
+    embedded_path: str | None = Field(None, description="the embedded store's file; default $RAYFLEET_HOME/users.sqlite3")
+    admin_token: str | None = Field(
+        None, min_length=8, repr=False, description="bearer token of the user API; unset: the API is closed"
+    )
+    require_api_keys: bool = Field(False, description="trust only API keys, not a bare 'user' header")
+    anonymous: Literal["allow", "reject"] = Field(
+        "allow", description="requests with no identity: served without limits, or refused with 401"
+    )
+    on_store_error: Literal["open", "closed"] = Field(
+        "open", description="store unreachable: admit without limits (open) or answer 503 (closed)"
+    )
+    store_timeout_s: float = Field(0.25, gt=0, le=10, description="longest wait for the store per call")
+    store_retry_s: float = Field(1.0, gt=0, le=300, description="after a store failure, how long to skip it")
+    output_reservation_tokens: int = Field(
+        256, ge=0, description="tokens reserved against TPM for a request that sets no max_tokens"
+    )
+
+    @model_validator(mode="after")
+    def _known_store(self) -> UsersConfig:
+        if self.store != "embedded" and not self.store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"users.store must be 'embedded' or a redis:// URL, not {self.store!r}")
+        return self
+
+
 class AppConfig(BaseModel):
     """The whole rayfleet Serve application."""
 
     model_config = ConfigDict(extra="forbid")
 
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    users: UsersConfig = Field(default_factory=UsersConfig)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

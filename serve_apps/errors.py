@@ -17,6 +17,7 @@ class GatewayError(Exception):
         self.message = message
         self.code = code
         self.param = param
+        self.headers: list[tuple[bytes, bytes]] = []  # extra response headers (Retry-After, ...)
 
     def body(self) -> bytes:
         error_type = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")

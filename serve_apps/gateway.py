@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -42,7 +43,7 @@ from serve_apps.routing import (
 )
 from serve_apps.routing._prefix_common import INDEXED_MATCHES_KEY
 from serve_apps.routing.base import PREFILL_ESTIMATE_KEY
-from serve_apps.routing.prompt_blocks import block_hashes
+from serve_apps.routing.prompt_blocks import block_hashes, prompt_token_ids
 from serve_apps.upstream import (
     UpstreamBroken,
     UpstreamPool,
@@ -50,12 +51,14 @@ from serve_apps.upstream import (
     UpstreamUnavailable,
 )
 from serve_apps.usage import StreamUsage, Usage, usage_from_json
+from serve_apps.users.api import ApiResponse, is_user_api_path
+from serve_apps.users.limiter import Limiter, Ticket, token_estimate
 from serve_apps.view import EndpointView
 
 logger = logging.getLogger(__name__)
 
 ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-WANTED_HEADERS = (b"routing-strategy", b"x-request-id", b"user", b"x-session-id")
+WANTED_HEADERS = (b"routing-strategy", b"x-request-id", b"user", b"x-session-id", b"authorization")
 MAX_ATTEMPTS = 2  # a connection failure before any byte is retried once, on another endpoint
 
 
@@ -105,10 +108,14 @@ class GatewayApp:
         view: EndpointView,
         metrics: GatewayMetrics | None = None,
         kv_index: KVIndexClient | None = None,
+        limiter: Limiter | None = None,
+        user_api: Callable[[str, str, str, bytes], Awaitable[ApiResponse]] | None = None,
     ) -> None:
         self.config = config
         self.view = view
         self.metrics = metrics
+        self.limiter = limiter
+        self._user_api = user_api
         self._kv_index = kv_index
         self._events_models = {m.name for m in config.models if m.prefix_index == "events"}
         self._index_budget_s = config.gateway.kv_index.lookup_budget_s
@@ -133,6 +140,8 @@ class GatewayApp:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        if self.limiter is not None:
+            await self.limiter.store.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -148,6 +157,8 @@ class GatewayApp:
             await self._proxy(scope, receive, send)
         elif path == "/v1/models" and method == "GET":
             await send_response(send, 200, self._models_body(), [])
+        elif is_user_api_path(path) and self._user_api is not None:
+            await self._serve_user_api(scope, receive, send)
         elif path in ("/health", "/-/healthz"):
             await send_response(send, 200, b"ok", [], content_type=b"text/plain")
         else:
@@ -162,6 +173,17 @@ class GatewayApp:
                 await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _serve_user_api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Hand a user-API call to the user service; the gateway only carries bytes."""
+        try:
+            body = await read_body(receive)
+        except ClientDisconnected:
+            return
+        authorization = request_headers(scope, (b"authorization",)).get("authorization", "")
+        assert self._user_api is not None
+        answer = await self._user_api(scope["method"], scope["path"], authorization, body)
+        await send_response(send, answer.status, answer.body, answer.headers)
 
     def _models_body(self) -> bytes:
         created = int(time.time())
@@ -180,6 +202,7 @@ class GatewayApp:
             model = request.model
             strategy_name = self._strategy_for(request)
             candidates = self._candidates(model)
+            ticket = await self._admit(request, headers, len(body))
         except GatewayError as error:
             if self.metrics:
                 self.metrics.record_error(model, error.code or str(error.status))
@@ -188,6 +211,8 @@ class GatewayApp:
         except ClientDisconnected:
             return
         route_headers = id_header + [(b"routing-strategy", self._strategy_names[strategy_name])]
+        if ticket is not None:
+            route_headers += ticket.headers
         strategies = self._strategy_sets.get(model, self._default_set)
         hooks = strategies.hooks.get(strategy_name)
         if hooks is not None:
@@ -205,6 +230,25 @@ class GatewayApp:
         finally:
             if hooks is not None:
                 hooks.on_request_finish(request, usage.prompt_tokens, usage.output_tokens)
+            if ticket is not None:
+                await self._settle(ticket, request, usage)
+
+    async def _admit(self, request: RoutingRequest, headers: dict[str, str], body_bytes: int) -> Ticket | None:
+        """Identify the caller and take the request from their budget (raises 401/429/503)."""
+        if self.limiter is None:
+            return None
+        identity = self.limiter.identify(headers)
+        if identity is None:
+            return None
+        estimate = token_estimate(body_bytes, request.body, self.config.users.output_reservation_tokens)
+        return await self.limiter.admit(identity, estimate)
+
+    async def _settle(self, ticket: Ticket, request: RoutingRequest, usage: Usage) -> None:
+        """Charge the response's tokens; a stream without a usage event has its prompt counted here."""
+        assert self.limiter is not None
+        if usage.output_tokens and not usage.prompt_tokens:
+            usage = Usage(len(prompt_token_ids(request)), usage.output_tokens)
+        await self.limiter.settle(ticket, usage)
 
     async def _route_and_relay(
         self,
@@ -391,4 +435,4 @@ class GatewayApp:
 
     @staticmethod
     async def _send_error(send: Send, error: GatewayError, headers: Headers) -> None:
-        await send_response(send, error.status, error.body(), headers)
+        await send_response(send, error.status, error.body(), headers + error.headers)

@@ -42,12 +42,18 @@ class GatewayMetrics:
             "Requests a strategy routed by least-request because its signal was missing or stale.",
             tag_keys=("strategy", "reason"),
         )
-        self._fallbacks_published: dict[tuple[str, str], int] = {}
+        self._published: dict[tuple[Counter, tuple[tuple[str, str], ...]], int] = {}
         self.index_lookups = Counter(
             "rayfleet_gateway_kv_index_lookups_total",
             "Prefix lookups in the KV-event index, by model and outcome: found (answered in budget) "
             "or missed (routed on the gateway's approximate index instead).",
             tag_keys=("model", "outcome"),
+        )
+        self.admissions = Counter(
+            "rayfleet_gateway_admissions_total",
+            "Rate-limit decisions, by outcome: admitted, rpm, tpm, unknown_user, unknown_key, "
+            "store_error_open (admitted unchecked) or store_error_closed (refused with 503).",
+            tag_keys=("outcome",),
         )
         self.in_flight = Gauge(
             "rayfleet_gateway_in_flight_requests",
@@ -69,11 +75,20 @@ class GatewayMetrics:
 
     def publish_fallbacks(self, totals: dict[tuple[str, str], int]) -> None:
         """Turn the strategies' running totals into counter increments."""
-        for (strategy, reason), total in totals.items():
-            delta = total - self._fallbacks_published.get((strategy, reason), 0)
+        self._publish_deltas(self.fallbacks, {(("strategy", s), ("reason", r)): n for (s, r), n in totals.items()})
+
+    def publish_admissions(self, totals: dict[str, int]) -> None:
+        """Turn the limiter's running totals of decisions into counter increments."""
+        self._publish_deltas(self.admissions, {(("outcome", outcome),): n for outcome, n in totals.items()})
+
+    def _publish_deltas(self, counter: Counter, totals: dict[tuple[tuple[str, str], ...], int]) -> None:
+        """Counters kept as plain ints on the request path reach Ray's metrics as increments."""
+        for tags, total in totals.items():
+            key = (counter, tags)
+            delta = total - self._published.get(key, 0)
             if delta > 0:
-                self.fallbacks.inc(delta, {"strategy": strategy, "reason": reason})
-                self._fallbacks_published[(strategy, reason)] = total
+                counter.inc(delta, dict(tags))
+                self._published[key] = total
 
     def publish_in_flight(self, counts: dict[str, int]) -> None:
         for endpoint, count in counts.items():

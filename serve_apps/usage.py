@@ -21,6 +21,10 @@ class Usage:
     prompt_tokens: int = 0
     output_tokens: int = 0
 
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
 
 def usage_from_json(payload: bytes) -> Usage:
     """Usage of a non-streamed OpenAI response; zeros if it has none (e.g. an error body)."""
