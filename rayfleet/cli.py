@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_up.add_argument("--require-api-keys", action="store_true", help="trust API keys only, not a bare 'user' header")
     p_up.add_argument("--anonymous", choices=["allow", "reject"], default=defaults.anonymous,
                       help="requests without a user or key: served without limits (allow) or 401 (reject)")
+    p_up.add_argument("--autoscale", choices=["kpa", "hpa", "apa"], default=None,
+                      help="scale the engines with Knative's KPA, Kubernetes' HPA or AIBrix's APA")
+    p_up.add_argument("--min", dest="min_replicas", type=int, default=defaults.min_replicas, help="fewest engines")
+    p_up.add_argument("--max", dest="max_replicas", type=int, default=defaults.max_replicas, help="most engines")
+    p_up.add_argument("--autoscale-target", type=float, default=defaults.autoscale_target,
+                      help="requests in flight per engine the autoscaler aims at (default %(default)s)")
+    p_up.add_argument("--autoscale-option", dest="autoscale_options", action="append", default=[], metavar="KNOB=VALUE",
+                      help="a policy knob, e.g. stable-window=60s, panic-window=6s, scale-down-delay=5m (repeatable)")
     p_up.add_argument("--config", dest="config_file", default=None, help="application config YAML (Serve args)")
 
     commands.add_parser("down", help="stop what `rayfleet up` started")

@@ -125,6 +125,11 @@ class UpOptions:
     admin_token: str | None = None
     require_api_keys: bool = False
     anonymous: str = "allow"
+    autoscale: str | None = None
+    min_replicas: int = 1
+    max_replicas: int = 8
+    autoscale_target: float = 32.0
+    autoscale_options: tuple[str, ...] = ()
     config_file: str | None = None
     ready_timeout_s: float = 120.0
 
@@ -157,8 +162,9 @@ def build_config(options: UpOptions) -> dict:
                 {
                     "name": options.model,
                     "prefix_index": options.prefix_index,
+                    "autoscaling": _autoscaling(options),
                     "pool": {
-                        "replicas": options.engines,
+                        "replicas": _initial_engines(options),
                         "engine": options.engine,
                         "engine_config": {"model": options.model, "sim": {"gpu": options.gpu, "time_scale": options.time_scale}},
                     },
@@ -269,6 +275,27 @@ def wait_for_engines(config: dict, timeout_s: float, stop: threading.Event) -> l
             return endpoints
         time.sleep(0.2)
     return endpoints
+
+
+def _initial_engines(options: UpOptions) -> int:
+    if options.autoscale is None:
+        return options.engines
+    return min(max(options.engines, options.min_replicas), options.max_replicas)
+
+
+def _autoscaling(options: UpOptions) -> dict | None:
+    """``--autoscale kpa --min 1 --max 8 --autoscale-target 32 --autoscale-option stable-window=60s``."""
+    if options.autoscale is None:
+        return None
+    annotations = {}
+    for option in options.autoscale_options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--autoscale-option takes KNOB=VALUE (e.g. stable-window=60s), not {option!r}")
+        annotations[key if "/" in key else f"autoscaling.rayfleet.io/{key}"] = value
+    metric = {"metricSourceType": "gateway", "targetMetric": "in_flight", "targetValue": options.autoscale_target}
+    return {"strategy": options.autoscale.upper(), "min_replicas": options.min_replicas,
+            "max_replicas": options.max_replicas, "metrics": [metric], "annotations": annotations}  # fmt: skip
 
 
 def _check_redis(users: dict) -> None:
@@ -399,6 +426,7 @@ def status() -> dict:
     ray.init(address=state.ray_address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     try:
         snapshot = ray.get(get_registry(create=False).snapshot.remote())
+        autoscalers = _autoscaler_status()
     finally:
         ray.shutdown()
     models: dict[str, list[dict]] = {}
@@ -410,7 +438,19 @@ def status() -> dict:
         "dashboard": state.dashboard_url,
         "ray_address": state.ray_address,
         "models": [{"name": name, "endpoints": eps} for name, eps in sorted(models.items())],
+        "autoscalers": autoscalers,
     }
+
+
+def _autoscaler_status() -> list[dict]:
+    """Every rayfleet autoscaler's status (none when the application has no autoscaling)."""
+    import ray
+
+    from serve_apps.autoscalers import ACTOR_PREFIX
+
+    named = ray.util.list_named_actors(all_namespaces=True)
+    actors = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in named if a["name"].startswith(ACTOR_PREFIX)]
+    return ray.get([actor.status.remote() for actor in actors], timeout=10)
 
 
 def _use_ray_token_if_present() -> None:
@@ -432,4 +472,8 @@ def format_status(info: dict) -> str:
         ready = sum(e["ready"] for e in model["endpoints"])
         lines.append(f"model    {model['name']}  ({ready}/{len(model['endpoints'])} ready)")
         lines.extend(f"  {e['name']:<28} {e['url']:<24} ready={str(e['ready']).lower()}" for e in model["endpoints"])
+    for a in info.get("autoscalers", []):
+        lines.append(f"autoscaler {a['name']} ({a['strategy']} on {a['target']}, {a['min']}-{a['max']}): "
+                     f"{a['current']} replicas, {a['ready']} ready, desired {a['desired']}, {a['scale_events']} scale events")  # fmt: skip
+        lines.append(f"  last decision: {a['reason']}")
     return "\n".join(lines)

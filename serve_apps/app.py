@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import ray
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from engines.core.tokenizer import get_tokenizer
 from kvcache.client import KVIndexClient, ensure_index
+from serve_apps.autoscalers import AutoscalerManager
 from serve_apps.config import AppConfig
 from serve_apps.engine_pool import EngineManager
 from serve_apps.gateway import GatewayApp
@@ -49,6 +51,7 @@ class Gateway:
         engine_manager: DeploymentHandle | None = None,
         kv_index_manager: DeploymentHandle | None = None,
         user_service: DeploymentHandle | None = None,
+        autoscaler_manager: DeploymentHandle | None = None,
     ) -> None:
         self._tasks: list[asyncio.Task] = []
         self.scraper: MetricsScraper | None = None
@@ -57,7 +60,9 @@ class Gateway:
         # never called on a request's path.
         self.engine_manager = engine_manager
         self.kv_index_manager = kv_index_manager
+        self.autoscaler_manager = autoscaler_manager
         self.view = EndpointView()
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
         await self._load_view()
         self.metrics = GatewayMetrics()
         kv_index = None
@@ -96,9 +101,17 @@ class Gateway:
         while True:
             await asyncio.sleep(GAUGE_PUBLISH_S)
             self.metrics.publish_in_flight({e.name: e.in_flight for e in self.view.endpoints()})
+            await self._report_load()
             self.metrics.publish_fallbacks(FALLBACKS.snapshot())
             if self.gateway_app.limiter is not None:
                 self.metrics.publish_admissions(self.gateway_app.limiter.outcomes)
+
+    async def _report_load(self) -> None:
+        """Requests in flight per model, for autoscalers that scale on the gateway's signal."""
+        try:
+            await get_registry().report_load.remote(self._replica_id, self.view.in_flight_by_model())
+        except ray.exceptions.RayError as exc:  # a restarting registry: the next tick reports again
+            logger.debug("load report failed: %s", exc)
 
     async def __del__(self) -> None:
         for task in self._tasks:
@@ -123,4 +136,6 @@ def build_app(args: dict | None = None) -> serve.Application:
     # The engine manager gets only the models: a change to the gateway's or the users'
     # settings then redeploys the gateway alone, and the engines keep running.
     engine_manager = EngineManager.bind({"models": payload["models"]})
-    return gateway.bind(payload, engine_manager, kv_index_manager, user_service)
+    autoscalers = any(model.autoscaling is not None for model in config.models)
+    autoscaler_manager = AutoscalerManager.bind({"models": payload["models"]}) if autoscalers else None
+    return gateway.bind(payload, engine_manager, kv_index_manager, user_service, autoscaler_manager)

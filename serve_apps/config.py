@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from autoscaling.spec import MetricSource, PodAutoscaler
 from engines.config import EngineConfig, EngineKind
 from serve_apps.routing import STRATEGY_CLASSES, known_strategy, options_model
 
@@ -43,6 +44,32 @@ class PoolConfig(BaseModel):
     num_gpus_per_engine: float = Field(0.0, ge=0.0, description="Ray GPUs reserved per engine actor (vLLM: the TP size)")
 
 
+class AutoscalingConfig(BaseModel):
+    """A model's autoscaler: a PodAutoscaler whose target is the model's engine pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["HPA", "KPA", "APA"]
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(8, ge=1)
+    metrics: list[MetricSource] = Field(
+        default_factory=lambda: [MetricSource(metricSourceType="gateway", targetMetric="in_flight", targetValue=32)],
+        description="what to scale on; default: the gateway's requests in flight, 32 per engine",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="the policy's knobs, e.g. {'autoscaling.rayfleet.io/stable-window': '60s'}"
+    )
+
+    def pod_autoscaler(self, model: str) -> PodAutoscaler:
+        """The PodAutoscaler this config stands for (validated: bounds, annotations)."""
+        return PodAutoscaler.model_validate({
+            "metadata": {"name": model.rsplit("/", 1)[-1].lower(), "annotations": self.annotations},
+            "spec": {"scaleTargetRef": {"kind": "EnginePool", "name": model}, "minReplicas": self.min_replicas,
+                     "maxReplicas": self.max_replicas, "metricsSources": [m.model_dump() for m in self.metrics],
+                     "scalingStrategy": self.strategy},
+        })  # fmt: skip
+
+
 class ModelConfig(BaseModel):
     """Per-model settings: where its endpoints come from and how to route among them."""
 
@@ -55,11 +82,20 @@ class ModelConfig(BaseModel):
     strategy_options: StrategyOptions = Field(
         default_factory=dict, description="per strategy, options for this model over the gateway's"
     )
+    autoscaling: AutoscalingConfig | None = Field(None, description="scale the pool with HPA, KPA or APA")
     prefix_index: Literal["approximate", "events"] = Field(
         "approximate",
         description="where prefix strategies learn what engines cache: the gateway's own routing "
         "history (approximate) or the engines' KV events through the shared kvcache index (events)",
     )
+
+    @model_validator(mode="after")
+    def _autoscaler_is_valid(self) -> ModelConfig:
+        if self.autoscaling is not None:
+            if self.pool is None:
+                raise ValueError(f"model {self.name!r} has autoscaling but no pool to scale")
+            self.autoscaling.pod_autoscaler(self.name)  # raises on bad bounds or annotations
+        return self
 
     @model_validator(mode="after")
     def _pool_serves_this_model(self) -> ModelConfig:

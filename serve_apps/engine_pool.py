@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
+import aiohttp
 import ray
 from ray import serve
 
@@ -25,11 +27,15 @@ from serve_apps.endpoints import (
     Endpoint,
 )
 from serve_apps.registry import get_registry
+from serve_apps.scraper import parse_vllm_metrics
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 RECONCILE_S = 5.0
+DRAIN_POLL_S = 1.0
+DRAIN_IDLE_POLLS = 2  # idle twice in a row: no request was on its way when it was deregistered
+DRAIN_TIMEOUT_S = 600.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -78,6 +84,34 @@ class EngineActor:
         await self.registry.deregister.remote(self.endpoint.name)
         await asyncio.to_thread(self.process.stop)
 
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> float:
+        """Leave the registry (gateways stop sending here), wait until the engine has no
+        request running or waiting, then stop. Returns the seconds it took.
+
+        Idle must be seen twice, ``DRAIN_POLL_S`` apart: a gateway that chose this engine
+        just before its view dropped it may still be sending. After ``timeout_s`` the engine
+        stops anyway, so a stuck request cannot hold a GPU forever.
+        """
+        started = time.monotonic()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        await self.registry.deregister.remote(self.endpoint.name)
+        idle_polls = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while idle_polls < DRAIN_IDLE_POLLS and time.monotonic() - started < timeout_s and self.process.alive():
+                await asyncio.sleep(DRAIN_POLL_S)
+                idle_polls = idle_polls + 1 if await self._idle(session) else 0
+        await asyncio.to_thread(self.process.stop)
+        return time.monotonic() - started
+
+    async def _idle(self, session: aiohttp.ClientSession) -> bool:
+        try:
+            async with session.get(f"{self.process.url}/metrics") as response:
+                metrics = parse_vllm_metrics(await response.text(), None, time.monotonic())
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+        return metrics is not None and metrics.num_requests_running + metrics.num_requests_waiting == 0
+
 
 def kv_events_for(name: str, model: str) -> dict:
     """The ``--kv-events-config`` of a pool engine whose model routes on KV events: vLLM's
@@ -97,30 +131,91 @@ def engine_name(model: str, index: int) -> str:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
 class EngineManager:
-    """Keeps every pool at its size and every static endpoint registered."""
+    """Keeps every pool at its size and every static endpoint registered.
+
+    A pool's size starts at its configured ``replicas``; ``scale_pool`` (the autoscaler)
+    changes it. New engines join the registry when their ``/health`` answers; removed ones
+    drain first (``EngineActor.drain``), so a scale-down cuts off no request.
+    """
 
     async def __init__(self, config: dict) -> None:
         self.config = AppConfig.model_validate(config)
         self.registry = get_registry()
         self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self.pools: dict[str, list[str]] = {}  # model -> its engines' names, oldest first
+        self.draining: dict[str, dict[str, asyncio.Task]] = {}  # model -> engines on their way out
         self.errors: dict[str, str] = {}  # last start failure per engine, so each is logged once
+        self._next_index: dict[str, int] = {}
         for model in self.config.models:
-            self._create_pool(model)
+            if model.pool is not None:
+                self.pools[model.name], self.draining[model.name] = [], {}
+                for _ in range(model.pool.replicas):
+                    self._add_engine(model)
         self._reconcile = asyncio.get_running_loop().create_task(self._reconcile_loop())
 
-    def _create_pool(self, model: ModelConfig) -> None:
-        if model.pool is None:
-            return
-        for index in range(model.pool.replicas):
-            name = engine_name(model.name, index)
-            options = {"num_gpus": model.pool.num_gpus_per_engine} if model.pool.num_gpus_per_engine else {}
-            engine_config = model.pool.engine_config.model_copy(update={"port": 0})
-            if model.prefix_index == "events" and engine_config.kv_events_config is None:
-                engine_config.kv_events_config = kv_events_for(name, model.name)
-            self.actors[name] = EngineActor.options(**options).remote(
-                name, model.name, engine_config, model.pool.engine,
-                {"rayfleet.io/model": model.name, "rayfleet.io/engine": model.pool.engine},
-            )  # fmt: skip
+    def _add_engine(self, model: ModelConfig) -> None:
+        assert model.pool is not None
+        index = self._next_index.get(model.name, 0)
+        self._next_index[model.name] = index + 1
+        name = engine_name(model.name, index)
+        options = {"num_gpus": model.pool.num_gpus_per_engine} if model.pool.num_gpus_per_engine else {}
+        engine_config = model.pool.engine_config.model_copy(update={"port": 0})
+        if model.prefix_index == "events" and engine_config.kv_events_config is None:
+            engine_config.kv_events_config = kv_events_for(name, model.name)
+        self.actors[name] = EngineActor.options(**options).remote(
+            name, model.name, engine_config, model.pool.engine,
+            {"rayfleet.io/model": model.name, "rayfleet.io/engine": model.pool.engine},
+        )  # fmt: skip
+        self.pools[model.name].append(name)
+
+    def _model(self, name: str) -> ModelConfig:
+        for model in self.config.models:
+            if model.name == name and model.pool is not None:
+                return model
+        raise ValueError(f"model {name!r} has no engine pool to scale; pools: {', '.join(self.pools) or 'none'}")
+
+    async def scale_pool(self, model: str, replicas: int) -> dict[str, int]:
+        """Grow the pool with new engines, or drain its newest ones; returns ``pool_scale``."""
+        config = self._model(model)
+        names = self.pools[model]
+        loop = asyncio.get_running_loop()
+        while len(names) < replicas:
+            self._add_engine(config)
+            # Start it now rather than at the next reconcile tick: a burst is waiting.
+            loop.create_task(self._start(names[-1]))
+        while len(names) > max(replicas, 0):
+            name = names.pop()
+            actor = self.actors.pop(name)
+            self.errors.pop(name, None)
+            self.draining[model][name] = loop.create_task(self._drain(model, name, actor))
+        return await self.pool_scale(model)
+
+    async def _start(self, name: str) -> None:
+        actor = self.actors.get(name)
+        if actor is not None:
+            try:
+                await actor.ensure_running.remote()
+            except ray.exceptions.RayError as exc:  # the reconcile loop retries and logs it
+                self.errors[name] = str(exc)
+
+    async def _drain(self, model: str, name: str, actor: ray.actor.ActorHandle) -> None:
+        try:
+            seconds = await actor.drain.remote()
+            logger.info("engine %s drained in %.1fs and stopped", name, seconds)
+        except ray.exceptions.RayError as exc:
+            logger.warning("engine %s died while draining: %s", name, exc)
+        finally:
+            self.draining[model].pop(name, None)
+            ray.kill(actor)
+
+    async def pool_scale(self, model: str) -> dict[str, int]:
+        """``replicas``: engines the pool has (starting ones included, draining ones not);
+        ``ready``: those the registry has seen healthy; ``draining``: on their way out."""
+        self._model(model)
+        names = set(self.pools[model])
+        snapshot = await self.registry.snapshot.remote()
+        ready = sum(1 for e in snapshot.endpoints if e.name in names and e.ready)
+        return {"replicas": len(names), "ready": ready, "draining": len(self.draining[model])}
 
     async def _register_static(self) -> None:
         for model in self.config.models:
@@ -132,7 +227,7 @@ class EngineManager:
                 await self.registry.ensure.remote(endpoint)
 
     async def _reconcile_loop(self) -> None:
-        """Level-triggered: every tick, make reality match the config, whatever happened."""
+        """Level-triggered: every tick, make reality match the desired pools, whatever happened."""
         while True:
             await self._register_static()
             names = list(self.actors)
@@ -150,4 +245,7 @@ class EngineManager:
 
     async def __del__(self) -> None:
         self._reconcile.cancel()
+        for tasks in self.draining.values():
+            for task in tasks.values():
+                task.cancel()
         await asyncio.gather(*(actor.stop.remote() for actor in self.actors.values()), return_exceptions=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiohttp
 import ray
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "rayfleet"
 REGISTRY_NAME = "rayfleet-endpoint-registry"
+LOAD_MAX_AGE_S = 5.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -35,6 +37,7 @@ class EndpointRegistry:
         self._health_interval_s = health_interval_s
         self._unhealthy_after = unhealthy_after
         self._health_task: asyncio.Task | None = None
+        self._loads: dict[str, tuple[float, dict[str, int]]] = {}  # gateway replica -> (when, model -> in flight)
 
     async def register(self, endpoint: Endpoint) -> int:
         """Add or replace an endpoint; returns the new registry version."""
@@ -68,6 +71,18 @@ class EndpointRegistry:
             return self._version
         self._endpoints[name] = endpoint.model_copy(update={"ready": ready})
         return self._bump()
+
+    async def report_load(self, replica: str, in_flight: dict[str, int]) -> None:
+        """A gateway replica's requests in flight per model, sent every second (autoscaling's
+        ``gateway`` metric: the concurrency clients see, queued engines included)."""
+        self._loads[replica] = (time.monotonic(), in_flight)
+
+    async def model_load(self, model: str, max_age_s: float = LOAD_MAX_AGE_S) -> tuple[int, int]:
+        """(requests in flight for ``model`` over the fresh reports, replicas reporting);
+        a replica silent for ``max_age_s`` has died or stalled and no longer counts."""
+        fresh_after = time.monotonic() - max_age_s
+        fresh = [loads for at, loads in self._loads.values() if at >= fresh_after]
+        return sum(loads.get(model, 0) for loads in fresh), len(fresh)
 
     async def snapshot(self) -> RegistrySnapshot:
         return RegistrySnapshot(version=self._version, endpoints=list(self._endpoints.values()))

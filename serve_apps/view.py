@@ -57,6 +57,11 @@ class EndpointView:
     def endpoints(self) -> list[EndpointState]:
         return list(self._states.values())
 
+    def in_flight_by_model(self) -> dict[str, int]:
+        """Requests this replica has in flight, per model (an endpoint serving several models,
+        adapters included, counts towards each)."""
+        return {model: sum(state.in_flight for state in group) for model, group in self._all.items()}
+
     async def follow(self, registry_getter, poll_timeout_s: float = 30.0) -> None:
         """Track the registry forever; survive its restarts by re-resolving the handle."""
         registry = None
