@@ -14,12 +14,13 @@ prefix that the strategy does not have is an error (a typo would otherwise be si
 ignored); an AIBrix knob we do not implement (``scale-to-zero``, ``storm-service-mode``, ...)
 is ignored so that AIBrix manifests load.
 
-Knobs, by strategy (defaults are the sources'):
+Knobs, by strategy (defaults are the sources', except KPA's scale-down delay):
 
 KPA (Knative's ``config-autoscaler`` defaults)
     ``stable-window`` 60s (6s..1h), ``panic-window`` 10% of the stable window (at least 1s),
     ``panic-threshold`` 2.0 (a ratio: 2.0 = Knative's 200%; "200%" is accepted, 1.1..10),
-    ``max-scale-up-rate`` 1000, ``max-scale-down-rate`` 2, ``scale-down-delay`` 0s (..1h),
+    ``max-scale-up-rate`` 1000, ``max-scale-down-rate`` 2, ``scale-down-delay`` 5m (..1h;
+    Knative's is 0s, see ``KpaSettings``),
     ``activation-scale`` 1, ``target-burst-capacity`` 211 (-1 = unlimited),
     ``target-utilization-percentage`` 70 (only for the burst capacity: a pod's capacity is
     targetValue / utilization), ``sync-period`` 2s (Knative's tick interval).
@@ -220,7 +221,12 @@ class KpaSettings(BaseModel):
     panic_threshold: float = Field(2.0, ge=1.1, le=10.0)
     max_scale_up_rate: float = Field(1000.0, gt=1.0)
     max_scale_down_rate: float = Field(2.0, gt=1.0)
-    scale_down_delay: float = Field(0.0, ge=0.0, le=HOUR)
+    # Knative's default is 0 s, sized for containers that start in a second. An LLM engine
+    # takes about a minute to start and bursts come back within minutes: with 0 s, KPA gives
+    # the replicas back right after a burst and meets the next one cold (on the Azure code
+    # trace: 51% SLO attainment against HPA's 90%, `rayfleet bench autoscale`). Five minutes
+    # is HPA's scale-down stabilisation; AIBrix's historic KPA default was 30 minutes.
+    scale_down_delay: float = Field(300.0, ge=0.0, le=HOUR)
     activation_scale: int = Field(1, ge=1)
     target_burst_capacity: float = Field(211.0, ge=-1.0)
     target_utilization_percentage: float = Field(70.0, gt=0.0, le=100.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from autoscaling.spec import ScaleTargetRef
 
@@ -96,8 +96,11 @@ class ServeDeploymentTarget:
 class KubernetesScaleTarget:
     """A Kubernetes object with a ``scale`` subresource (Deployment, StatefulSet, RayClusterFleet)."""
 
-    def __init__(self, ref: ScaleTargetRef) -> None:
+    def __init__(self, ref: ScaleTargetRef, api_client: Any = None) -> None:
+        """``api_client``: a ``kubernetes.client.ApiClient``; default, the in-cluster service
+        account, else the local kubeconfig (as kubectl finds it)."""
         self.ref = ref
+        self._api_client = api_client
         self.namespace = ref.namespace or "default"
         group_version = ref.apiVersion or ("apps/v1" if ref.kind in ("Deployment", "StatefulSet") else "")
         if not group_version:
@@ -108,14 +111,16 @@ class KubernetesScaleTarget:
     def describe(self) -> str:
         return f"{self.ref.kind}/{self.namespace}/{self.ref.name}"
 
-    def _api(self):  # type: ignore[no-untyped-def]
+    def _api(self) -> Any:
         from kubernetes import client, config
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        return client.CustomObjectsApi() if self.group not in ("", "apps") else client.AppsV1Api()
+        if self._api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            self._api_client = client.ApiClient()
+        return client.AppsV1Api(self._api_client) if self.group == "apps" else client.CustomObjectsApi(self._api_client)
 
     async def get_scale(self) -> Scale:
         def read() -> Scale:

@@ -20,6 +20,7 @@ BENCHMARKS: tuple[str, ...] = (
     "bench.routing",
     "bench.kvindex",
     "bench.ratelimit",
+    "bench.autoscale",
 )
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.stats import BenchRow
+
+if TYPE_CHECKING:
+    from bench.autoscale_sim import Timeline
 
 
 def policy_label(policy: str, mode: str | None) -> str:
@@ -49,4 +53,56 @@ def plot_routing(rows: Sequence[BenchRow], path: str | Path) -> None:
         goodput_axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_autoscale(
+    load: Mapping[str, Sequence[float]],
+    needed: Mapping[str, Sequence[int]],
+    timelines: Mapping[tuple[str, str], Timeline],
+    bucket_s: float,
+    path: str | Path,
+) -> None:
+    """One row of panels per workload, one panel per policy: the offered load (req/s per
+    bucket, shaded, right axis) behind the replicas the policy had ready and asked for, and
+    the replicas the load needed (its concurrency over the target), so a late or needless
+    scale event shows as a gap between the lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(load)
+    policies = list(dict.fromkeys(policy for _, policy in timelines))
+    figure, axes = plt.subplots(
+        len(workloads), len(policies), figsize=(3.6 * len(policies), 2.6 * len(workloads)), squeeze=False, sharex="row"
+    )
+    for row, workload in zip(axes, workloads):
+        # Bucket edges, the last value repeated so that a "post" step draws the last bucket too.
+        edges = [i * bucket_s for i in range(len(load[workload]) + 1)]
+        rates, need = [*load[workload], load[workload][-1]], [*needed[workload], needed[workload][-1]]
+        top = max(*need, *(max(t.current, default=1) for (name, _), t in timelines.items() if name == workload))
+        for axis, policy in zip(row, policies):
+            offered = axis.twinx()
+            offered.fill_between(edges, rates, step="post", color="0.85", linewidth=0)
+            offered.set_ylim(0, max(rates) * 1.1 or 1)
+            offered.tick_params(labelsize="x-small")
+            axis.set_zorder(offered.get_zorder() + 1)
+            axis.patch.set_visible(False)
+            timeline = timelines.get((workload, policy))
+            if timeline is not None:
+                axis.step(timeline.times, timeline.ready, where="post", label="ready", color="tab:blue")
+                axis.step(timeline.times, timeline.desired, where="post", label="desired", color="tab:orange",
+                          linestyle="--")  # fmt: skip
+            axis.step(edges, need, where="post", label="needed", color="tab:green", linestyle=":")
+            axis.set_ylim(0, top + 1)
+            axis.set_xlim(0, edges[-1])  # a fleet that fell behind drains long after: not the question here
+            axis.set_title(f"{workload}: {policy}", fontsize="small")
+            axis.tick_params(labelsize="x-small")
+        row[0].set_ylabel("replicas", fontsize="small")
+        row[-1].legend(fontsize="x-small", loc="upper left")
+    for axis in axes[-1]:
+        axis.set_xlabel("seconds (shaded: offered req/s)", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
     plt.close(figure)

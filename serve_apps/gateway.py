@@ -11,8 +11,8 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson

@@ -304,8 +304,12 @@ def test_hpa_bounds_and_zero() -> None:
 
 
 def _kpa(annotations: dict[str, str] | None = None, **spec_args: object) -> KpaPolicy:
-    """A KPA whose first decision saw one ready pod, so it does not start in panic."""
-    policy = _policy("KPA", annotations, **spec_args)
+    """A KPA whose first decision saw one ready pod, so it does not start in panic.
+
+    Knative's own default scale-down delay (0 s) unless the test sets one: the cases below
+    are Knative's formulas; rayfleet's 5-minute default is tested on its own.
+    """
+    policy = _policy("KPA", {"scale-down-delay": "0s", **(annotations or {})}, **spec_args)
     assert isinstance(policy, KpaPolicy)
     first = policy.recommend(0.0, current=1, ready=1)
     assert "no data" in first.reason and not policy.in_panic
@@ -421,7 +425,7 @@ def test_kpa_excess_burst_capacity() -> None:
 
 
 def test_kpa_starts_in_panic_at_the_ready_count() -> None:
-    policy = _policy("KPA")
+    policy = _policy("KPA", {"scale-down-delay": "0s"})
     assert isinstance(policy, KpaPolicy)
     _feed(policy, WAITING, total=5.0, pods=3, start=1, end=10)
     first = policy.recommend(10.0, current=3, ready=3)
@@ -431,6 +435,20 @@ def test_kpa_starts_in_panic_at_the_ready_count() -> None:
     _feed(policy, WAITING, total=5.0, pods=3, start=11, end=71)
     # 10 + 60 < 71: panic ends; dspc 1 raised to floor(3 / 2) = 1
     assert policy.recommend(71.0, current=3, ready=3).desired == 1
+
+
+def test_kpa_default_scale_down_delay_is_five_minutes() -> None:
+    """rayfleet's default (not Knative's 0 s): replicas stay 300 s after the load is gone."""
+    policy = _policy("KPA", {"panic-threshold": "10"})
+    assert isinstance(policy, KpaPolicy) and policy.settings.scale_down_delay == 300.0
+    policy.recommend(0.0, current=1, ready=1)
+    _feed(policy, WAITING, total=20.0, pods=4, start=1, end=60)
+    assert policy.recommend(60.0, current=4, ready=4).desired == 4  # ceil(20 / 5)
+    _feed(policy, WAITING, total=0.0, pods=4, start=61, end=400)
+    # The load is gone at 61 and the stable window has forgotten it by 121, but the 4 decided
+    # at 60 stays the most decided within the last 300 s until 360.
+    assert policy.recommend(300.0, current=4, ready=4).desired == 4
+    assert policy.recommend(362.0, current=4, ready=4).desired < 4
 
 
 def test_kpa_missing_data() -> None:

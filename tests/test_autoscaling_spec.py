@@ -154,7 +154,7 @@ def test_source_defaults() -> None:
         panic_threshold=2.0,
         max_scale_up_rate=1000.0,
         max_scale_down_rate=2.0,
-        scale_down_delay=0.0,
+        scale_down_delay=300.0,  # ours, not Knative's 0 s: see KpaSettings
         activation_scale=1,
         target_burst_capacity=211.0,
         target_utilization_percentage=70.0,
