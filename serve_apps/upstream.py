@@ -79,11 +79,10 @@ class UpstreamResponse:
         ``UpstreamBroken`` if the body breaks off or the engine stays silent for ``timeout_s``.
 
         A stream is hundreds of chunks, so the silence limit is one watchdog timer per
-        response that re-arms itself, not a ``wait_for`` (a timer and a cancel) per chunk.
+        response that re-arms itself, not a ``wait_for`` (a timer and a cancel) per chunk;
+        and it is armed only once the reader has to wait at all.
         """
         loop = asyncio.get_running_loop()
-        self._last_data = time.monotonic()
-        self._watchdog = loop.call_later(timeout_s, self._check_silence, timeout_s)
         try:
             while True:
                 if self._chunks:
@@ -94,10 +93,14 @@ class UpstreamResponse:
                     if self._error is not None:
                         raise UpstreamBroken(str(self._error))
                     return
+                if self._watchdog is None:
+                    self._last_data = time.monotonic()
+                    self._watchdog = loop.call_later(timeout_s, self._check_silence, timeout_s)
                 self._waiter = loop.create_future()
                 await self._waiter
         finally:
-            self._watchdog.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
 
     def _check_silence(self, timeout_s: float) -> None:
         silent_for = time.monotonic() - self._last_data
@@ -110,6 +113,8 @@ class UpstreamResponse:
         self._watchdog = asyncio.get_running_loop().call_later(delay, self._check_silence, timeout_s)
 
     async def read(self, timeout_s: float) -> bytes:
+        if self._complete and self._error is None:  # the usual case: the whole body came with the headers
+            return b"".join(self._chunks)
         parts = [chunk async for chunk in self.chunks(timeout_s)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
