@@ -36,7 +36,8 @@ def test_up_status_stream_down_leaves_nothing_behind(tmp_path: Path) -> None:
     env = user_env(tmp_path)
     port = free_port()
     up = subprocess.Popen(
-        [sys.executable, "-m", "rayfleet.cli", "up", "--engines", "2", "--port", str(port), "--model", "demo"],
+        [sys.executable, "-m", "rayfleet.cli", "up", "--engines", "2", "--port", str(port), "--model", "demo",
+         "--autoscale", "kpa", "--min", "2", "--max", "3", "--admin-token", "test-admin-token"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines: list[str] = []
@@ -54,6 +55,7 @@ def test_up_status_stream_down_leaves_nothing_behind(tmp_path: Path) -> None:
         time.sleep(1)  # the rest of the summary
         summary = "".join(lines)
         assert f"http://127.0.0.1:{port}" in summary and summary.count("engine ") == 2
+        assert "embedded store" in summary and "admin token: test-admin-token" in summary
 
         status = cli("status", "--json", env=env)
         assert status.returncode == 0, status.stderr
@@ -62,6 +64,22 @@ def test_up_status_stream_down_leaves_nothing_behind(tmp_path: Path) -> None:
         (model,) = info["models"]
         assert model["name"] == "demo" and len(model["endpoints"]) == 2
         assert all(e["ready"] for e in model["endpoints"])
+        (autoscaler,) = info["autoscalers"]
+        assert (autoscaler["strategy"], autoscaler["target"], autoscaler["min"], autoscaler["max"]) == (
+            "KPA", "EnginePool/demo", 2, 3)  # fmt: skip
+        assert "autoscaler demo (KPA on EnginePool/demo, 2-3)" in cli("status", env=env).stdout
+
+        # Users and limits on the embedded store: the user API on the gateway's port, then a
+        # request on the user's budget carries the rate-limit headers.
+        admin = {"authorization": "Bearer test-admin-token", "content-type": "application/json"}
+        created = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/users", data=b'{"name": "alice", "rpm": 7}', headers=admin), timeout=10)
+        assert created.status == 201
+        limited = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                                default_headers={"user": "alice"})  # fmt: skip
+        reply = limited.chat.completions.with_raw_response.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.headers["x-ratelimit-limit-requests"] == "7"
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         stream = client.chat.completions.create(
@@ -108,4 +126,8 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
     assert result.returncode == 2 and "--engines" in result.stderr
     result = cli("up", "--strategy", "nope", env=env)
     assert result.returncode == 2 and "least-request" in result.stderr
+    result = cli("up", "--redis", f"redis://127.0.0.1:{free_port()}/0", "--port", str(free_port()), env=env)
+    assert result.returncode == 2 and "cannot reach Redis" in result.stderr and "--redis" in result.stderr
+    result = cli("up", "--autoscale", "kpa", "--autoscale-option", "warp=9", "--port", str(free_port()), env=env)
+    assert result.returncode == 2 and "no knob 'warp'" in result.stderr
     assert cli("down", env=env).stdout.strip() == "rayfleet is not running"
