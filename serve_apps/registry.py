@@ -75,7 +75,11 @@ class EndpointRegistry:
     async def report_load(self, replica: str, in_flight: dict[str, int]) -> None:
         """A gateway replica's requests in flight per model, sent every second (autoscaling's
         ``gateway`` metric: the concurrency clients see, queued engines included)."""
-        self._loads[replica] = (time.monotonic(), in_flight)
+        now = time.monotonic()
+        self._loads[replica] = (now, in_flight)
+        # Replicas that stopped reporting (replaced, scaled down) are forgotten after a while.
+        for gone in [r for r, (at, _) in self._loads.items() if now - at > 10 * LOAD_MAX_AGE_S]:
+            del self._loads[gone]
 
     async def model_load(self, model: str, max_age_s: float = LOAD_MAX_AGE_S) -> tuple[int, int]:
         """(requests in flight for ``model`` over the fresh reports, replicas reporting);

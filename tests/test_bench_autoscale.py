@@ -158,7 +158,8 @@ def test_batch_engine_steps_exactly_like_the_engine_core() -> None:
 
 
 def _kpa(max_replicas: int, target: float) -> ScalingPolicy:
-    return build_policy(autoscaler_spec("KPA", 1, max_replicas, target), {})
+    """KPA without rayfleet's 5-minute scale-down delay, so that short workloads also scale down."""
+    return build_policy(autoscaler_spec("KPA", 1, max_replicas, target), {"autoscaling.rayfleet.io/scale-down-delay": "0s"})
 
 
 def test_a_new_replica_serves_nothing_before_its_cold_start_is_over() -> None:
