@@ -57,10 +57,16 @@ class EngineActor:
         self.registry = get_registry()
         self._heartbeat: asyncio.Task | None = None
         self._start_lock = asyncio.Lock()
+        self._retired = False  # draining or stopped: never started or registered again
 
     async def ensure_running(self) -> Endpoint:
-        """Start the engine if it is not running, then (re-)register it. Idempotent."""
+        """Start the engine if it is not running, then (re-)register it. Idempotent.
+
+        A retired engine refuses: a reconcile tick that raced a scale-down must not revive
+        its heartbeat, which would register the draining engine again under its name."""
         async with self._start_lock:
+            if self._retired:
+                raise RuntimeError(f"engine {self.endpoint.name} is retired (drained or stopped)")
             if not self.process.alive():
                 await self.process.start()
                 await self.registry.register.remote(self.endpoint)
@@ -79,6 +85,7 @@ class EngineActor:
         await self.registry.set_ready.remote(self.endpoint.name, False)
 
     async def stop(self) -> None:
+        self._retired = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         await self.registry.deregister.remote(self.endpoint.name)
@@ -93,6 +100,7 @@ class EngineActor:
         stops anyway, so a stuck request cannot hold a GPU forever.
         """
         started = time.monotonic()
+        self._retired = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         await self.registry.deregister.remote(self.endpoint.name)
@@ -175,8 +183,15 @@ class EngineManager:
         raise ValueError(f"model {name!r} has no engine pool to scale; pools: {', '.join(self.pools) or 'none'}")
 
     async def scale_pool(self, model: str, replicas: int) -> dict[str, int]:
-        """Grow the pool with new engines, or drain its newest ones; returns ``pool_scale``."""
+        """Grow the pool with new engines, or drain its newest ones; returns ``pool_scale``.
+
+        Only within the bounds of the model's ``autoscaling`` as deployed now: while an
+        application is redeployed, the previous config's autoscaler lives a little longer
+        than its config and must not resize a pool that is no longer its to scale."""
         config = self._model(model)
+        if config.autoscaling is None:
+            raise ValueError(f"model {model!r} has no autoscaling in the deployed config; its pool stays at its replicas")
+        replicas = min(max(replicas, config.autoscaling.min_replicas), config.autoscaling.max_replicas)
         names = self.pools[model]
         loop = asyncio.get_running_loop()
         while len(names) < replicas:
@@ -235,6 +250,8 @@ class EngineManager:
                 *(self.actors[n].ensure_running.remote() for n in names), return_exceptions=True
             )
             for name, result in zip(names, results):
+                if name not in self.actors:  # scaled away while the tick ran
+                    continue
                 if isinstance(result, BaseException):
                     if self.errors.get(name) != str(result):
                         logger.error("engine %s failed to start: %s", name, result)

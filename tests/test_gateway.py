@@ -173,6 +173,42 @@ def test_wrong_method_and_path(gateway: str) -> None:
     assert info.value.code == 404 and "error" in json.loads(info.value.read())
 
 
+def test_pool_without_autoscaling_refuses_to_be_scaled(gateway: str) -> None:
+    """An autoscaler left over from the previous config must not resize this pool."""
+    import asyncio
+
+    from ray import serve
+
+    async def scale_then_read() -> dict[str, int]:
+        manager = serve.get_deployment_handle("EngineManager", app_name="rayfleet")
+        with pytest.raises(ValueError, match="has no autoscaling in the deployed config"):
+            await manager.scale_pool.remote(MODEL, 1)
+        return await manager.pool_scale.remote(MODEL)
+
+    assert asyncio.run(scale_then_read())["replicas"] == 2
+
+
+def test_a_drained_engine_cannot_be_revived_into_the_registry(gateway: str) -> None:
+    """A reconcile tick that races a scale-down calls ``ensure_running`` on the draining engine;
+    it must not register it again."""
+    import ray
+
+    from engines.config import EngineConfig
+    from serve_apps.engine_pool import EngineActor
+    from serve_apps.registry import get_registry
+
+    actor = EngineActor.remote("retired-engine", "retired-model", EngineConfig(model="retired-model", port=0), "sim", {})
+    try:
+        ray.get(actor.ensure_running.remote(), timeout=60)
+        ray.get(actor.drain.remote(timeout_s=30), timeout=60)
+        with pytest.raises(ray.exceptions.RayTaskError, match="retired"):
+            ray.get(actor.ensure_running.remote(), timeout=30)
+        names = {e.name for e in ray.get(get_registry().snapshot.remote()).endpoints}
+        assert "retired-engine" not in names
+    finally:
+        ray.kill(actor)
+
+
 def test_model_without_ready_endpoint_is_503(gateway_port: int) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     config = pool_config(replicas=1)
