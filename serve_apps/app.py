@@ -1,5 +1,6 @@
 """The rayfleet Serve application: a gateway ingress, the engine manager, the user service
-when limits are on and, when a model routes on KV events, the manager of their subscribers.
+when limits are on, when a model routes on KV events the manager of their subscribers and,
+with ``kubernetes_discovery``, the follower of serving pods.
 
 ``build_app`` is the import path for ``serve run`` / ``serve deploy`` (see
 ``serve_apps/serve_config.yaml``); ``rayfleet up`` calls it with embedded defaults.
@@ -21,6 +22,7 @@ from serve_apps.autoscalers import AutoscalerManager
 from serve_apps.config import AppConfig
 from serve_apps.engine_pool import EngineManager
 from serve_apps.gateway import GatewayApp
+from serve_apps.kube_discovery import KubeDiscovery
 from serve_apps.kv_index import KVIndexManager
 from serve_apps.metrics import GatewayMetrics
 from serve_apps.registry import get_registry
@@ -52,6 +54,7 @@ class Gateway:
         kv_index_manager: DeploymentHandle | None = None,
         user_service: DeploymentHandle | None = None,
         autoscaler_manager: DeploymentHandle | None = None,
+        kube_discovery: DeploymentHandle | None = None,
     ) -> None:
         self._tasks: list[asyncio.Task] = []
         self.scraper: MetricsScraper | None = None
@@ -61,6 +64,7 @@ class Gateway:
         self.engine_manager = engine_manager
         self.kv_index_manager = kv_index_manager
         self.autoscaler_manager = autoscaler_manager
+        self.kube_discovery = kube_discovery
         self.view = EndpointView()
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         await self._load_view()
@@ -138,4 +142,5 @@ def build_app(args: dict | None = None) -> serve.Application:
     engine_manager = EngineManager.bind({"models": payload["models"]})
     autoscalers = any(model.autoscaling is not None for model in config.models)
     autoscaler_manager = AutoscalerManager.bind({"models": payload["models"]}) if autoscalers else None
-    return gateway.bind(payload, engine_manager, kv_index_manager, user_service, autoscaler_manager)
+    kube_discovery = KubeDiscovery.bind(payload["kubernetes_discovery"]) if config.kubernetes_discovery else None
+    return gateway.bind(payload, engine_manager, kv_index_manager, user_service, autoscaler_manager, kube_discovery)

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from autoscaling.spec import MetricSource, PodAutoscaler
 from engines.config import EngineConfig, EngineKind
+from fleet.api import LABEL_MODEL
 from serve_apps.routing import STRATEGY_CLASSES, known_strategy, options_model
 
 StrategyName = Annotated[str, AfterValidator(known_strategy)]
@@ -178,6 +179,19 @@ class UsersConfig(BaseModel):
         return self
 
 
+class KubernetesDiscoveryConfig(BaseModel):
+    """Endpoints from Kubernetes pods (``serve_apps/kube_discovery.py``): Ready pods that carry
+    the ``rayfleet.io/model`` label, such as the heads of a RayClusterFleet's clusters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str | None = Field(None, description="where to look for pods; unset: every namespace")
+    label_selector: str = Field(LABEL_MODEL, description="which pods serve models")
+    kubeconfig: str | None = Field(
+        None, description="a kubeconfig file; unset: the in-cluster service account (inside a KubeRay pod)"
+    )
+
+
 class AppConfig(BaseModel):
     """The whole rayfleet Serve application."""
 
@@ -186,6 +200,9 @@ class AppConfig(BaseModel):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     users: UsersConfig = Field(default_factory=UsersConfig)
     models: list[ModelConfig] = Field(default_factory=list)
+    kubernetes_discovery: KubernetesDiscoveryConfig | None = Field(
+        None, description="also route to serving pods found in Kubernetes"
+    )
 
     @model_validator(mode="after")
     def _unique_models(self) -> AppConfig:

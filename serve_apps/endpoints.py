@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -25,7 +27,7 @@ class Endpoint(BaseModel):
     models: list[str] = Field(default_factory=list, description="every served name: base model and adapters")
     ready: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
-    source: str = Field("pool", description="who registered it: pool, static, or kubernetes")
+    source: Literal["pool", "static", "kubernetes"] = Field("pool", description="who registered it")
 
     def served_names(self) -> list[str]:
         return self.models or [self.model]

@@ -360,7 +360,7 @@ class GatewayApp:
         candidates = self.view.ready_endpoints(model)
         if candidates:
             return candidates
-        if self.view.knows(model):
+        if self.view.knows(model) or model in self._strategy_sets:  # configured, e.g. discovered pods not ready yet
             raise GatewayError(503, f"no ready endpoint serves model {model!r}; retry shortly", code="no_ready_endpoint")
         raise GatewayError(400, f"The model `{model}` does not exist.", code="model_not_found", param="model")
 
