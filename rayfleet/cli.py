@@ -1,4 +1,4 @@
-"""The ``rayfleet`` command: ``up``, ``down``, ``status`` and ``bench``.
+"""The ``rayfleet`` command: ``up``, ``down``, ``status``, ``bench`` and ``fleet``.
 
 Errors the user can fix print as one line with the fix and exit 2; nothing prints a
 traceback for a mistake in the flags.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from rayfleet.stack import UpOptions, UsageError, down, format_status, status, up
@@ -54,10 +55,61 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.cli import add_bench_parser
 
     add_bench_parser(commands)
+    _add_fleet_parser(commands)
     return parser
 
 
+def _add_fleet_parser(commands: argparse._SubParsersAction) -> None:
+    p_fleet = commands.add_parser("fleet", help="RayClusterFleets on Kubernetes: render manifests, run the controller")
+    fleet_commands = p_fleet.add_subparsers(dest="fleet_command", required=True)
+
+    p_render = fleet_commands.add_parser("render", help="print a RayClusterFleet serving a model with vLLM (YAML)")
+    p_render.add_argument("--model", required=True, help="model to serve, e.g. meta-llama/Llama-3.1-8B-Instruct")
+    p_render.add_argument("--tp", type=int, required=True, help="tensor-parallel size: GPUs per model replica")
+    p_render.add_argument("--replicas", type=int, default=1, help="model replicas, one RayCluster each (default 1)")
+    p_render.add_argument("--name", default=None, help="fleet name (default: a slug of the model)")
+    p_render.add_argument("--namespace", default=None, help="namespace (default: none, kubectl's current one)")
+    p_render.add_argument("--image", default=None, help="vLLM image with Ray (default: a pinned vllm/vllm-openai)")
+    p_render.add_argument("--gpus-per-node", type=int, default=None,
+                          help="GPUs per Ray node; below --tp, each replica spans tp/gpus-per-node nodes (default: --tp)")  # fmt: skip
+    p_render.add_argument("--max-surge", default="1", help="extra clusters during a rollout: count or %% (default 1)")
+    p_render.add_argument("--max-unavailable", default="0",
+                          help="clusters a rollout may take down: count or %% (default 0)")  # fmt: skip
+
+    p_controller = fleet_commands.add_parser("controller", help="run the RayClusterFleet controller (leader-elected)")
+    p_controller.add_argument("--namespace", default=None, help="watch one namespace (default: all namespaces)")
+    p_controller.add_argument("--lease-namespace", default="rayfleet-system", help="namespace of the leader lease")
+    p_controller.add_argument("--lease-name", default="rayfleet-fleet-controller", help="name of the leader lease")
+    p_controller.add_argument("--identity", default=None, help="leader-election identity (default: $POD_NAME or hostname)")
+    p_controller.add_argument("--kubeconfig", default=None,
+                              help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")  # fmt: skip
+
+
+def _run_fleet(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.fleet_command == "render":
+        from fleet.render import DEFAULT_IMAGE, render_fleet, to_yaml
+
+        manifest = render_fleet(
+            model=args.model, tp=args.tp, replicas=args.replicas, name=args.name, namespace=args.namespace,
+            image=args.image or DEFAULT_IMAGE, gpus_per_node=args.gpus_per_node,
+            max_surge=args.max_surge, max_unavailable=args.max_unavailable,
+        )  # fmt: skip
+        # The command line heads the output: a committed manifest says how to regenerate it.
+        print(f"# {shlex.join(['rayfleet', *argv])}\n{to_yaml(manifest)}", end="")
+        return 0
+    # Imported here: the controller needs the Kubernetes client, rendering does not.
+    from fleet.ray_cluster_fleet import run_controller
+
+    return run_controller(
+        namespace=args.namespace, lease_namespace=args.lease_namespace, lease_name=args.lease_name,
+        identity=args.identity, kubeconfig=args.kubeconfig,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fleet.render import RenderError
+
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -76,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             from bench.cli import run_bench
 
             return run_bench(args)
-    except UsageError as exc:
+        if args.command == "fleet":
+            return _run_fleet(args, argv)
+    except (UsageError, RenderError) as exc:
         print(f"rayfleet: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")

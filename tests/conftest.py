@@ -13,7 +13,7 @@ import pytest
 
 from engines.launcher import free_port
 
-pytest_plugins = ["tests.simulator_fixtures", "tests.redis_fixtures", "tests.kube_fixtures"]
+pytest_plugins = ["tests.simulator_fixtures", "tests.redis_fixtures", "tests.kube_fixtures", "tests.kuberay_fixtures"]
 
 MODEL = "test-model"
 # The shared workload traces sit next to the repository (``../shared``); checks that need
