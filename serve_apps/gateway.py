@@ -202,6 +202,8 @@ class GatewayApp:
             model = request.model
             strategy_name = self._strategy_for(request)
             candidates = self._candidates(model)
+            if self.view.is_adapter(model):
+                request.lora_name = model
             ticket = await self._admit(request, headers, len(body))
         except GatewayError as error:
             if self.metrics:

@@ -25,11 +25,13 @@ class EndpointView:
         self._states: dict[str, EndpointState] = {}
         self._all: dict[str, list[EndpointState]] = {}
         self._ready: dict[str, list[EndpointState]] = {}
+        self._adapters: set[str] = set()
 
     def apply(self, snapshot: RegistrySnapshot) -> None:
         """Replace the view with ``snapshot``, keeping the live counters of known endpoints."""
         states: dict[str, EndpointState] = {}
         by_model: dict[str, list[EndpointState]] = {}
+        adapters: set[str] = set()
         for endpoint in snapshot.endpoints:
             state = self._states.get(endpoint.name)
             if state is None or state.url != endpoint.url:
@@ -39,13 +41,19 @@ class EndpointView:
             states[endpoint.name] = state
             for model in endpoint.served_names():
                 by_model.setdefault(model, []).append(state)
+            adapters.update(name for name in endpoint.served_names() if name != endpoint.model)
         self._states = states
+        self._adapters = adapters
         self._all = by_model
         self._ready = {model: [s for s in group if s.ready] for model, group in by_model.items()}
         self.version = snapshot.version
 
     def knows(self, model: str) -> bool:
         return model in self._all
+
+    def is_adapter(self, model: str) -> bool:
+        """Whether ``model`` is a LoRA adapter an endpoint serves on top of its base model."""
+        return model in self._adapters
 
     def ready_endpoints(self, model: str) -> list[EndpointState]:
         return self._ready.get(model, [])

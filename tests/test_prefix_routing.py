@@ -9,6 +9,7 @@ import pytest
 
 from engines.core.engine import EngineCore, EngineCoreConfig
 from engines.core.tokenizer import NUM_WORD_TOKENS, get_tokenizer
+from engines.simulator.lora import LoraAdapter
 from engines.simulator.requests import RequestBuilder
 from kvcache.hashing import BlockHasher
 from rayfleet.protocol.kv_events import BlockStored
@@ -44,13 +45,15 @@ def fleet(*loads: int) -> list[EndpointState]:
     return [EndpointState(f"e{i}", f"http://e{i}", in_flight=load) for i, load in enumerate(loads)]
 
 
-def engine_block_hashes(request: RoutingRequest, config: EngineCoreConfig) -> tuple[list[int], list[int]]:
+def engine_block_hashes(
+    request: RoutingRequest, config: EngineCoreConfig, adapter: LoraAdapter | None = None
+) -> tuple[list[int], list[int]]:
     """The simulator's own prompt ids for the body, and the hashes its KV cache stores for them."""
     builder = RequestBuilder(get_tokenizer(), MAX_MODEL_LEN, "m")
     if "messages" in request.body:
-        prepared = builder.chat(ChatCompletionRequest.model_validate({**request.body, "max_tokens": 1}), "r", None)
+        prepared = builder.chat(ChatCompletionRequest.model_validate({**request.body, "max_tokens": 1}), "r", adapter)
     else:
-        prepared = builder.completion(CompletionRequest.model_validate({**request.body, "max_tokens": 1}), "r", None)
+        prepared = builder.completion(CompletionRequest.model_validate({**request.body, "max_tokens": 1}), "r", adapter)
     stored: list[int] = []
 
     def sink(events: list[object]) -> None:
@@ -94,6 +97,16 @@ def test_prompt_ids_and_block_hashes_equal_the_engines(request_factory: Any) -> 
     assert len(engine_hashes) == len(engine_ids) // 16 > 0
     # The strategies' defaults hash as an engine with vLLM's defaults and rayfleet's seed.
     assert block_hashes(request, PrefixCacheStrategy().hasher) == engine_hashes
+
+
+def test_an_adapters_requests_are_hashed_with_its_name_as_the_engine_does() -> None:
+    config = EngineCoreConfig(num_gpu_blocks=1024, max_model_len=MAX_MODEL_LEN)
+    adapter = LoraAdapter(name="sql-lora", path="/adapters/sql", lora_id=1, base_model_name="m")
+    base = completion(words(200, 30))
+    on_adapter = RoutingRequest("sql-lora", "/v1/completions", {**base.body, "model": "sql-lora"}, lora_name="sql-lora")
+    _, engine_hashes = engine_block_hashes(on_adapter, config, adapter)
+    assert block_hashes(on_adapter, PrefixCacheStrategy().hasher) == engine_hashes
+    assert block_hashes(base, PrefixCacheStrategy().hasher) != engine_hashes  # same prompt, base model: other blocks
 
 
 @pytest.mark.parametrize(("algo", "seed", "block_size"), [("sha256_cbor", "42", 16), ("xxhash", "0", 32)])
@@ -253,3 +266,15 @@ def test_seeded_choices_are_reproducible(strategy_class: type) -> None:
 
     assert run(7) == run(7)
     assert len(set(run(7))) > 1
+
+
+def test_the_gateways_view_tells_adapters_from_base_models() -> None:
+    """How the gateway knows to hash a request as an adapter's (``RoutingRequest.lora_name``)."""
+    from serve_apps.endpoints import Endpoint, RegistrySnapshot
+    from serve_apps.view import EndpointView
+
+    view = EndpointView()
+    view.apply(RegistrySnapshot(version=1, endpoints=[
+        Endpoint(name="e0", url="http://e0", model="m", models=["m", "sql-lora"], ready=True)]))  # fmt: skip
+    assert view.is_adapter("sql-lora") and not view.is_adapter("m")
+    assert [s.name for s in view.ready_endpoints("sql-lora")] == ["e0"]

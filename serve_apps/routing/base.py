@@ -81,6 +81,9 @@ class RoutingRequest:
     path: str
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    # The LoRA adapter the request names (its ``model`` when that is not the endpoints' base
+    # model): vLLM hashes the adapter's name into every KV block of such a request.
+    lora_name: str | None = None
     # Values derived from the request by strategies or indexes (token ids, block hashes),
     # kept so that a request is tokenised and hashed at most once however many use them.
     derived: dict[str, Any] = field(default_factory=dict)

@@ -10,9 +10,9 @@ same algorithm, seed and block size. Both are memoised in ``RoutingRequest.deriv
 hashes per hasher) so a request is tokenised and hashed once however many strategies or
 indexes ask.
 
-Requests are hashed as the base model: vLLM hashes an adapter's name into its blocks, and
-nothing here tells an adapter from a base model, so a LoRA request's hashes do not match its
-engine's blocks.
+A request for a LoRA adapter (``RoutingRequest.lora_name``, set by the gateway when the
+requested model is not the endpoints' base model) is hashed with the adapter's name as the
+extra key, as vLLM does, so its blocks never match the base model's.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from engines.core.tokenizer import Tokenizer, get_tokenizer
-from kvcache.hashing import DEFAULT_BLOCK_SIZE, BlockHasher
+from kvcache.hashing import DEFAULT_BLOCK_SIZE, BlockHasher, lora_extra_keys
 from serve_apps.routing.base import RoutingRequest
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "block_hashes", "prompt_token_ids", "render_prompt"]
@@ -46,7 +46,7 @@ def block_hashes(request: RoutingRequest, hasher: BlockHasher) -> list[int]:
     key = f"prompt_block_hashes/{hasher.memo_key}"
     hashes = request.derived.get(key)
     if hashes is None:
-        hashes = hasher.chain(prompt_token_ids(request))
+        hashes = hasher.chain(prompt_token_ids(request), lora_extra_keys(request.lora_name))
         request.derived[key] = hashes
     return hashes
 
