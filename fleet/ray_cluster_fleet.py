@@ -282,10 +282,14 @@ class FleetReconciler:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            # Someone else's object holds the name (or a hash collision): bump and retry, as
-            # Deployment does with ``collisionCount``.
-            self._write_status(fleet, status.model_copy(update={"collisionCount": status.collisionCount + 1}))
-            return None, None
+            existing = self.apps.api_client.sanitize_for_serialization(self.apps.read_namespaced_controller_revision(
+                body["metadata"]["name"], body["metadata"]["namespace"]))  # fmt: skip
+            if not (owned_by(existing, fleet) and existing.get("data") == template):
+                # Someone else's object holds the name, or another template hashed the same:
+                # bump and retry, as Deployment does with ``collisionCount``.
+                self._write_status(fleet, status.model_copy(update={"collisionCount": status.collisionCount + 1}))
+                return None, None
+            record = existing  # ours, written by a pass whose reply was lost
         world.records[revision_hash] = record
         self.events.emit(fleet, "Normal", "NewRevision",
                          f"Created revision {latest + 1} ({revision_name(fleet['metadata']['name'], revision_hash)})")  # fmt: skip

@@ -126,6 +126,46 @@ def test_a_rollout_that_makes_no_progress_reports_the_deadline(world: tuple) -> 
         assert old <= revision_hashes(fleets)
 
 
+def test_recreate_removes_every_old_cluster_before_the_first_new_one(world: tuple) -> None:
+    api_client, namespace, fleets, _ = world
+    with controller_in_process(api_client, namespace):
+        fleet = fleets.create(fleet_body("recreated", replicas=3, strategy={"type": "Recreate"}))
+        eventually(lambda: fleets.settled("recreated", 3), "3 available clusters", 60)
+        original = revision_hashes(fleets)
+        with WatchObserver(api_client, namespace) as observer:
+            fleets.patch("recreated", with_version(fleet, "v2"))
+            eventually(lambda: fleets.settled("recreated", 3) and not (revision_hashes(fleets) & original), "the recreate", 60)
+        assert all(len(o.revisions) <= 1 for o in observer.seen), "old and new clusters existed side by side"
+        assert any(o.total == 0 for o in observer.seen)  # Recreate: everything went before anything came
+
+
+def test_a_paused_fleet_scales_but_does_not_roll_until_resumed(world: tuple) -> None:
+    api_client, namespace, fleets, _ = world
+    with controller_in_process(api_client, namespace):
+        fleet = fleets.create(fleet_body("paused", replicas=2))
+        eventually(lambda: fleets.settled("paused", 2), "2 available clusters", 60)
+        original = revision_hashes(fleets)
+        fleets.patch("paused", {"spec": {"paused": True}})
+        eventually(lambda: fleets.condition("paused", "Progressing").get("reason") == "DeploymentPaused", "DeploymentPaused", 30)
+        fleets.patch("paused", {**with_version(fleet, "v2"), "spec": {**with_version(fleet, "v2")["spec"], "replicas": 3}})
+        eventually(lambda: fleets.status("paused").get("availableReplicas") == 3, "the scale-up while paused", 60)
+        assert revision_hashes(fleets) == original and len(fleets.revisions("paused")) == 1  # scaled, not rolled
+        assert fleets.status("paused")["updatedReplicas"] == 0  # the new template has no cluster yet
+        fleets.patch("paused", {"spec": {"paused": False}})
+        eventually(lambda: fleets.settled("paused", 3) and not (revision_hashes(fleets) & original), "the resumed rollout", 60)
+        assert fleets.condition("paused", "Progressing")["reason"] == "NewReplicaSetAvailable"
+
+
+def test_deleting_a_fleet_deletes_its_clusters(world: tuple) -> None:
+    api_client, namespace, fleets, _ = world
+    with controller_in_process(api_client, namespace):
+        fleets.create(fleet_body("gone", replicas=2))
+        eventually(lambda: fleets.settled("gone", 2), "2 available clusters", 60)
+        client.CustomObjectsApi(api_client).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gone")
+        # kube-controller-manager's garbage collector follows the clusters' ownerReferences
+        eventually(lambda: not fleets.clusters("gone") and not fleets.revisions("gone"), "the clusters to go", 60)
+
+
 def test_bad_specs_are_reported_and_nothing_else_is_touched(world: tuple) -> None:
     api_client, namespace, fleets, _ = world
     custom = client.CustomObjectsApi(api_client)

@@ -37,6 +37,7 @@ from rayfleet.stack import SERVE_ENV
 from serve_apps.config import AppConfig
 from tests.kube_env import KubeTestEnv
 from tests.kuberay import (
+    RAYCLUSTER_CRD,
     SchemaViolation,
     fleet_crd,
     rayservice_crd,
@@ -286,6 +287,8 @@ def test_the_validator_catches_what_the_server_would_prune() -> None:
     fleet["spec"]["replicas"] = -1
     with pytest.raises(SchemaViolation, match=r"spec.replicas: -1 is less than the minimum of 0"):
         validate_against_crd(fleet, fleet_crd())
+    if not RAYCLUSTER_CRD.is_file():
+        pytest.skip("KubeRay's RayCluster CRD is in ../shared (the minimal stand-in accepts any spec)")
     with pytest.raises(SchemaViolation, match=r"containers\[0\]: Additional properties .*'imagePullPolicyy'"):
         validate_raycluster_spec(fleet["spec"]["template"]["spec"])
 
