@@ -39,6 +39,7 @@ class ClusterView:
     ready: bool
     ready_since: float | None
     deletion_cost: int = 0
+    broken_since: float | None = None  # when it stopped being ready, if KubeRay's status says
 
     @property
     def broken(self) -> bool:
@@ -70,6 +71,9 @@ def view_cluster(obj: dict) -> ClusterView:
     ready = provisioned and head_ready and workers_ready
     since = [parse_time(conditions.get(k, {}).get("lastTransitionTime")) for k in ("RayClusterProvisioned", "HeadPodReady")]
     ready_since = max((t for t in since if t is not None), default=None) if ready else None
+    head = conditions.get("HeadPodReady", {})
+    # A dead head is dated by its condition; a missing worker only by the status's last update.
+    broken_since = parse_time(head.get("lastTransitionTime") if not head_ready else status.get("lastUpdateTime"))
     try:
         cost = int((metadata.get("annotations") or {}).get(DELETION_COST, 0))
     except ValueError:
@@ -83,6 +87,7 @@ def view_cluster(obj: dict) -> ClusterView:
         ready=ready,
         ready_since=ready_since,
         deletion_cost=cost,
+        broken_since=broken_since if provisioned and not ready else None,
     )
 
 

@@ -130,15 +130,18 @@ class _World:
     status: FleetStatus
     clusters: list[ClusterView]
     records: dict[str, dict]  # revision hash -> ControllerRevision
+    surge: int = 0  # maxSurge resolved against spec.replicas
     failures: list[Condition] = field(default_factory=list)
+    recheck_at: list[float] = field(default_factory=list)  # moments a pass must look again
 
 
 class FleetReconciler:
     """One pass over one fleet. ``reconcile`` returns seconds until it wants another look
     (a cluster turning available, a progress deadline), or None."""
 
-    def __init__(self, api_client: Any, recorder: EventRecorder | None = None) -> None:
+    def __init__(self, api_client: Any, recorder: EventRecorder | None = None, broken_grace_s: float = 30.0) -> None:
         self.custom = client.CustomObjectsApi(api_client)
+        self.broken_grace_s = broken_grace_s
         self.apps = client.AppsV1Api(api_client)
         self.events = recorder or EventRecorder(api_client)
 
@@ -200,21 +203,22 @@ class FleetReconciler:
             return None
         cluster_objects, record_objects = self._owned(fleet)
         world = _World(fleet, spec, status, [view_cluster(c) for c in cluster_objects],
-                       {r["metadata"]["labels"][LABEL_REVISION_HASH]: r for r in record_objects})  # fmt: skip
-        self._replace_broken(world)
+                       {r["metadata"]["labels"][LABEL_REVISION_HASH]: r for r in record_objects}, surge)  # fmt: skip
+        self._replace_broken(world, now)
         conditions = [c for c in status.conditions if c.reason != INVALID_SPEC]  # valid again
         new_hash, created = self._current_revision(world)
         if new_hash is None:  # a hash collision: counted in the status, tried again at once
             return 0.0
-        if spec.progressDeadlineSeconds and created is not None:
+        if created is not None:
             reason = NEW_REVISION_CREATED if created else FOUND_NEW_REVISION
             if created or next((c for c in conditions if c.type == PROGRESSING), None) is None:
                 message = f"{'Created' if created else 'Found'} revision {revision_name(name, new_hash)!r}"
                 conditions = set_condition(conditions, Condition(type=PROGRESSING, status="True", reason=reason, message=message), now)
         state = self._state(world, new_hash, surge, unavailable, now)
-        scaling = spec.paused or is_scaling_event(state)
+        scaling_event = is_scaling_event(state)
+        scaling = spec.paused or scaling_event
         if scaling:
-            step = proportional_step(state, status.replicas) if is_scaling_event(state) else Step()
+            step = proportional_step(state, status.replicas) if scaling_event else Step()
         elif spec.strategy.type == "Recreate":
             step = recreate_step(state)
         else:
@@ -226,7 +230,7 @@ class FleetReconciler:
         counts = fleet_counts(state)
         conditions = availability(conditions, counts, spec.replicas, unavailable, now)
         conditions = paused_condition(conditions, spec.paused, now)
-        if not scaling and spec.progressDeadlineSeconds:
+        if not scaling:
             complete = is_complete(state, state.total())
             conditions = rollout_conditions(status, conditions, counts, complete,
                                             revision_name(name, new_hash), spec.progressDeadlineSeconds, now)  # fmt: skip
@@ -240,19 +244,24 @@ class FleetReconciler:
             collisionCount=status.collisionCount, conditions=conditions,
             scalingTargetSelector=scaling_target_selector(name),
         ))  # fmt: skip
-        return self._next_look(state, conditions, spec, now, bool(step))
+        return self._next_look(state, conditions, spec, now, bool(step), world.recheck_at)
 
     # -- steps ----------------------------------------------------------------------------
 
-    def _replace_broken(self, world: _World) -> None:
-        """A cluster that broke after provisioning does not heal (its head's model server or a
-        tensor-parallel worker died): delete it, so its GPUs come back, and let the step
-        below create its replacement."""
+    def _replace_broken(self, world: _World, now: float) -> None:
+        """A cluster that broke after provisioning (its head's model server or a
+        tensor-parallel worker died) and stays broken for ``broken_grace_s`` does not heal:
+        delete it, so its GPUs come back, and let the step below create its replacement.
+        Within the grace it stays, counted as unavailable: a readiness probe that failed
+        under load must not cost a whole tensor-parallel cluster."""
         for cluster in [c for c in world.clusters if c.broken]:
+            if cluster.broken_since is not None and now < cluster.broken_since + self.broken_grace_s:
+                world.recheck_at.append(cluster.broken_since + self.broken_grace_s)
+                continue
             if self._delete_cluster(world, cluster):
                 self.events.emit(world.fleet, "Warning", "ReplacingBrokenCluster",
-                                 f"RayCluster {cluster.name} is provisioned but no longer ready; deleted, a new one replaces it")  # fmt: skip
-        world.clusters = [c for c in world.clusters if not c.broken]
+                                 f"RayCluster {cluster.name} is provisioned but has not been ready for "
+                                 f"{self.broken_grace_s:.0f}s; deleted, a new one replaces it")  # fmt: skip
 
     def _current_revision(self, world: _World) -> tuple[str | None, bool | None]:
         """The hash of the revision matching the template, recording it if new (or giving an
@@ -313,11 +322,10 @@ class FleetReconciler:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
         return json.loads(response.data)
 
-    def _sizing(self, world: _World) -> tuple[int, int]:
-        rolling = world.spec.strategy.type == "RollingUpdate"
-        surge = resolve_fenceposts(world.spec.strategy.rolling().maxSurge, world.spec.strategy.rolling().maxUnavailable,
-                                   world.spec.replicas)[0] if rolling else 0  # fmt: skip
-        return world.spec.replicas, world.spec.replicas + surge
+    @staticmethod
+    def _sizing(world: _World) -> tuple[int, int]:
+        """(desired, max) replicas a revision is sized for now: Deployment's annotations."""
+        return world.spec.replicas, world.spec.replicas + world.surge
 
     def _state(self, world: _World, new_hash: str, surge: int, unavailable: int, now: float) -> FleetState:
         active: dict[str, list[ClusterView]] = {}
@@ -472,13 +480,17 @@ class FleetReconciler:
             "observedGeneration": fleet["metadata"].get("generation", 0), "conditions": conditions}))  # fmt: skip
 
     @staticmethod
-    def _next_look(state: FleetState, conditions: list[Condition], spec: FleetSpec, now: float, stepped: bool) -> float | None:
-        """Nothing in the API changes when a cluster's minReadySeconds pass or a deadline
-        lapses, so the controller sets itself a reminder for the earliest of them."""
+    def _next_look(
+        state: FleetState, conditions: list[Condition], spec: FleetSpec, now: float, stepped: bool, recheck_at: list[float]
+    ) -> float | None:
+        """Nothing in the API changes when a cluster's minReadySeconds pass, a broken cluster's
+        grace ends or a deadline lapses, so the controller sets itself a reminder for the
+        earliest of them."""
         if stepped:
             return None  # our own writes come back as watch events
-        moments = [c.available_at(spec.minReadySeconds) for r in state.all for c in r.clusters
-                   if c.ready and not c.available(spec.minReadySeconds, now)]  # fmt: skip
+        moments: list[float | None] = [c.available_at(spec.minReadySeconds) for r in state.all for c in r.clusters
+                                       if c.ready and not c.available(spec.minReadySeconds, now)]  # fmt: skip
+        moments += recheck_at
         if not spec.paused:
             moments.append(progress_deadline_at(conditions, spec.progressDeadlineSeconds))
         due = [m for m in moments if m is not None]
@@ -507,8 +519,8 @@ class FleetController:
     look (``minReadySeconds``, a progress deadline) is queued for then.
     """
 
-    def __init__(self, api_client: Any, namespace: str | None = None, workers: int = 2) -> None:
-        self.reconciler = FleetReconciler(api_client)
+    def __init__(self, api_client: Any, namespace: str | None = None, workers: int = 2, broken_grace_s: float = 30.0) -> None:
+        self.reconciler = FleetReconciler(api_client, broken_grace_s=broken_grace_s)
         self.queue = WorkQueue()
         self.workers = workers
         self.informers = [
@@ -577,6 +589,7 @@ def run_controller(
     lease_duration_s: float = 15.0,
     renew_deadline_s: float = 10.0,
     retry_period_s: float = 2.0,
+    broken_grace_s: float = 30.0,
 ) -> int:
     """``rayfleet fleet controller``: wait for the lease, run the controller while holding it.
     Returns 0 after SIGTERM/SIGINT (lease released at once) and 1 when the lease was lost:
@@ -591,7 +604,7 @@ def run_controller(
         signal.signal(sig, lambda *_: stop.set())
     if not elector.acquire(stop):
         return 0
-    controller = FleetController(api_client, namespace)
+    controller = FleetController(api_client, namespace, broken_grace_s=broken_grace_s)
     controller.start()
     elector.hold(stop)
     controller.stop()

@@ -82,7 +82,9 @@ def _add_fleet_parser(commands: argparse._SubParsersAction) -> None:
     p_controller.add_argument("--lease-name", default="rayfleet-fleet-controller", help="name of the leader lease")
     p_controller.add_argument("--identity", default=None, help="leader-election identity (default: $POD_NAME or hostname)")
     p_controller.add_argument("--kubeconfig", default=None,
-                              help="kubeconfig file (default: in-cluster config, else ~/.kube/config)")  # fmt: skip
+                              help="kubeconfig file (default: the in-cluster service account)")  # fmt: skip
+    p_controller.add_argument("--broken-grace-seconds", type=float, default=30.0,
+                              help="how long a provisioned cluster may stay not ready before it is replaced (default 30)")  # fmt: skip
 
 
 def _run_fleet(args: argparse.Namespace, argv: list[str]) -> int:
@@ -102,7 +104,7 @@ def _run_fleet(args: argparse.Namespace, argv: list[str]) -> int:
 
     return run_controller(
         namespace=args.namespace, lease_namespace=args.lease_namespace, lease_name=args.lease_name,
-        identity=args.identity, kubeconfig=args.kubeconfig,
+        identity=args.identity, kubeconfig=args.kubeconfig, broken_grace_s=args.broken_grace_seconds,
     )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from fleet.informer import Informer, Resource
 from fleet.progress import timestamp
 
 REPO = Path(__file__).resolve().parents[1]
+BROKEN_GRACE_S = 2.0  # the controllers here replace a broken cluster after this long
 
 
 def fleet_body(name: str, replicas: int = 4, max_surge: int | str = 1, max_unavailable: int | str = 0,
@@ -205,7 +206,7 @@ class WatchObserver:
 def controller_in_process(api_client: Any, namespace: str) -> Iterator[Any]:
     from fleet.ray_cluster_fleet import FleetController
 
-    controller = FleetController(api_client, namespace)
+    controller = FleetController(api_client, namespace, broken_grace_s=BROKEN_GRACE_S)
     controller.start()
     try:
         yield controller

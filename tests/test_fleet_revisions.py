@@ -209,6 +209,16 @@ def test_view_cluster_not_ready(kwargs: dict, broken: bool) -> None:
     assert not view.available(0, T0)
 
 
+def test_a_broken_cluster_is_dated_by_its_heads_condition() -> None:
+    """The controller replaces a broken cluster only after a grace measured from this."""
+    assert view_cluster(ray_cluster_object(head_ready="False", head_ready_at=T0 - 7)).broken_since == T0 - 7
+    assert view_cluster(ray_cluster_object()).broken_since is None  # a ready cluster is not broken at all
+    missing_worker = ray_cluster_object(ready_workers=1)
+    assert view_cluster(missing_worker).broken_since is None  # no date known: replaced without a grace
+    missing_worker["status"]["lastUpdateTime"] = timestamp(T0 - 3)
+    assert view_cluster(missing_worker).broken_since == T0 - 3
+
+
 def test_view_cluster_without_status() -> None:
     view = view_cluster({"metadata": {"name": "x"}})
     assert (view.ready, view.provisioned, view.broken, view.revision, view.created) == (False, False, False, "", 0.0)
