@@ -212,6 +212,13 @@ class GatewayApp:
             return
         except ClientDisconnected:
             return
+        except Exception:  # a bug, not the caller's mistake: still an answer in OpenAI's shape
+            logger.exception("request %s failed before routing", request_id)
+            error = GatewayError(500, "the gateway failed on this request; its log has the details", code="internal_error")
+            if self.metrics:
+                self.metrics.record_error(model, "internal_error")
+            await self._send_error(send, error, id_header)
+            return
         route_headers = id_header + [(b"routing-strategy", self._strategy_names[strategy_name])]
         if ticket is not None:
             route_headers += ticket.headers

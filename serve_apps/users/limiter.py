@@ -116,11 +116,11 @@ class Limiter:
         admission_id = f"{self._id_prefix}{next(self._ids):x}"
         try:
             admission = await self.store.admit(identity, admission_id, estimate)
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a dying store raises, it is an outage
             self._store_down_until = time.monotonic() + self.settings.store_retry_s
-            logger.warning("rate-limit store failed (%s); failing %s for %.1fs", exc, self.settings.on_store_error,
-                           self.settings.store_retry_s)  # fmt: skip
-            return self._store_unavailable(str(exc))
+            logger.warning("rate-limit store failed (%s: %s); failing %s for %.1fs", type(exc).__name__, exc,
+                           self.settings.on_store_error, self.settings.store_retry_s, exc_info=not isinstance(exc, StoreError))  # fmt: skip
+            return self._store_unavailable(str(exc) or type(exc).__name__)
         self._count(admission.verdict)
         if admission.admitted:
             return Ticket(admission.user, admission_id, estimate, ratelimit_headers(admission))
@@ -156,9 +156,10 @@ class Limiter:
             return
         try:
             await self.store.settle(ticket.user, ticket.admission_id, usage.total_tokens, ticket.reserved)
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - as in admit: the response is already sent
             self._store_down_until = time.monotonic() + self.settings.store_retry_s
-            logger.warning("rate-limit store failed while charging %s: %s", ticket.user, exc)
+            logger.warning("rate-limit store failed while charging %s (%s: %s)", ticket.user, type(exc).__name__, exc,
+                           exc_info=not isinstance(exc, StoreError))  # fmt: skip
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] += 1

@@ -20,7 +20,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 MAX_ROUND_TRIPS_IN_FLIGHT = 2
 MAX_GROUP = 500  # items per grouped call: Lua's unpack() takes at most ~8,000 values
@@ -120,7 +120,7 @@ class ScriptBatcher:
                     await self._redis.script_load(script.text)
                 for i, reply in zip(missing, await self._execute([calls[i] for i in missing])):
                     replies[i] = reply
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every caller waits on this batch: each gets the error
             replies = [exc] * len(calls)
         finally:
             self._in_flight -= 1
