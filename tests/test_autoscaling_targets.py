@@ -47,6 +47,7 @@ def test_serve_deployment_names_must_be_app_slash_deployment() -> None:
         target_for(ScaleTargetRef(kind="ServeDeployment", name="just-a-name"))
 
 
+@pytest.mark.k8s
 def test_kubernetes_scale_target_scales_a_deployment_through_its_scale_subresource(
     kube: KubeTestEnv, kube_namespace: str
 ) -> None:
