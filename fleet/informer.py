@@ -60,6 +60,24 @@ def new_api_client(kubeconfig: str | None = None) -> client.ApiClient:
     return api_client
 
 
+def raw_call(
+    api_client: client.ApiClient, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
+    headers: dict[str, str] | None = None, body: str | None = None, timeout: tuple[float, float] | None = None,
+) -> Any:  # fmt: skip
+    """One request through the client's auth and pool, its response left unread and untyped
+    (a watch streams it; the controller wants JSON as sent); raises ``ApiException`` on an
+    error status."""
+    request = api_client.param_serialize(
+        method, path, query_params=query, header_params={"Accept": "application/json", **(headers or {})},
+        body=body, auth_settings=["BearerToken"],
+    )  # fmt: skip
+    response = api_client.call_api(*request, _request_timeout=timeout)
+    if not 200 <= response.status <= 299:
+        response.read()
+        raise ApiException.from_response(http_resp=response, body=None, data=None)
+    return response
+
+
 @dataclass(frozen=True)
 class Resource:
     """A collection to follow: ``Resource("", "v1", "pods", namespace="ns")`` for core kinds,
@@ -207,15 +225,8 @@ class Informer:
         """GET the collection with ``query``; the raw, unread response (raises ``ApiException``)."""
         if self.resource.label_selector:
             query = [*query, ("labelSelector", self.resource.label_selector)]
-        request = self._api.param_serialize(
-            "GET", self.resource.path(), query_params=query,
-            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-        )  # fmt: skip
-        response = self._api.call_api(*request, _request_timeout=(CONNECT_TIMEOUT_S, read_timeout_s))
-        if not 200 <= response.status <= 299:
-            response.read()
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return response.response
+        return raw_call(self._api, "GET", self.resource.path(), query=query,
+                        timeout=(CONNECT_TIMEOUT_S, read_timeout_s)).response  # fmt: skip
 
     def _list(self) -> tuple[list[dict], str]:
         """Every object, page by page, and the resourceVersion of the snapshot they belong to.

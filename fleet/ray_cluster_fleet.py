@@ -45,7 +45,7 @@ from fleet.api import (
     FleetStatus,
 )
 from fleet.clusters import ClusterView, parse_time, view_cluster, victims
-from fleet.informer import Informer, Resource, new_api_client
+from fleet.informer import Informer, Resource, new_api_client, raw_call
 from fleet.leader import LeaseElector
 from fleet.progress import (
     FOUND_NEW_REVISION,
@@ -310,16 +310,11 @@ class FleetReconciler:
         sent, and the server compacts them whenever it applies a patch: sent with spaces (as
         the typed client sends JSON), every later patch of the record's annotations would
         be refused as a change of the immutable ``data``."""
-        api = self.apps.api_client
-        request = api.param_serialize(
-            "POST", f"/apis/apps/v1/namespaces/{body['metadata']['namespace']}/controllerrevisions",
-            header_params={"Content-Type": "application/yaml", "Accept": "application/json"},  # JSON is YAML
-            body=json.dumps(body, separators=(",", ":")), auth_settings=["BearerToken"],
+        response = raw_call(
+            self.apps.api_client, "POST", f"/apis/apps/v1/namespaces/{body['metadata']['namespace']}/controllerrevisions",
+            headers={"Content-Type": "application/yaml"}, body=json.dumps(body, separators=(",", ":")),  # JSON is YAML
         )  # fmt: skip
-        response = api.call_api(*request)
         response.read()
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
         return json.loads(response.data)
 
     @staticmethod

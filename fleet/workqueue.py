@@ -26,12 +26,17 @@ class WorkQueue:
 
     def add(self, key: str) -> None:
         with self._cond:
-            if key in self._processing:
-                self._dirty.add(key)
-            elif key not in self._queued:
-                self._queued.add(key)
-                self._queue.append(key)
-                self._cond.notify()
+            self._enqueue(key)
+
+    def _enqueue(self, key: str) -> None:
+        """Queue ``key`` once; one being worked on comes back when its worker is done.
+        Called with the lock held."""
+        if key in self._processing:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.append(key)
+            self._cond.notify()
 
     def add_after(self, key: str, delay_s: float) -> None:
         """Queue ``key`` once ``delay_s`` has passed (minReadySeconds, progress deadlines)."""
@@ -76,10 +81,7 @@ class WorkQueue:
             self._processing.discard(key)
             if key in self._dirty:
                 self._dirty.discard(key)
-                if key not in self._queued:
-                    self._queued.add(key)
-                    self._queue.append(key)
-                    self._cond.notify()
+                self._enqueue(key)
 
     def close(self) -> None:
         with self._cond:
@@ -90,8 +92,4 @@ class WorkQueue:
         now = time.monotonic()
         while self._delayed and self._delayed[0][0] <= now:
             _, key = heapq.heappop(self._delayed)
-            if key in self._processing:
-                self._dirty.add(key)
-            elif key not in self._queued:
-                self._queued.add(key)
-                self._queue.append(key)
+            self._enqueue(key)
