@@ -84,11 +84,15 @@ class EngineActor:
         logger.warning("engine %s exited (%s); marking it not ready", self.endpoint.name, self.process.process)
         await self.registry.set_ready.remote(self.endpoint.name, False)
 
-    async def stop(self) -> None:
+    async def _retire(self) -> None:
+        """Leave the registry for good: no heartbeat, no restart, no registration again."""
         self._retired = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         await self.registry.deregister.remote(self.endpoint.name)
+
+    async def stop(self) -> None:
+        await self._retire()
         await asyncio.to_thread(self.process.stop)
 
     async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> float:
@@ -100,10 +104,7 @@ class EngineActor:
         stops anyway, so a stuck request cannot hold a GPU forever.
         """
         started = time.monotonic()
-        self._retired = True
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-        await self.registry.deregister.remote(self.endpoint.name)
+        await self._retire()
         idle_polls = 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             while idle_polls < DRAIN_IDLE_POLLS and time.monotonic() - started < timeout_s and self.process.alive():
