@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -95,8 +96,11 @@ def _call(url: str, method: str, body: dict | None = None) -> dict:
         url, data=json.dumps(body).encode() if body is not None else None, method=method,
         headers={"content-type": "application/json", "authorization": f"Bearer {ADMIN_TOKEN}"},
     )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:  # say what the gateway (or the ingress) answered
+        raise RuntimeError(f"{method} {url}: HTTP {error.code}: {error.read()[:500]!r}") from None
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydantic import BaseModel
 from engines.launcher import free_port
 
 APP_NAME = "rayfleet"
+ROUTE_TIMEOUT_S = 60.0
 
 # Serve settings the gateway depends on (measurements.md §2): the HAProxy ingress does not
 # collapse at 64 clients where the Python proxy does, and the throughput-optimised mode runs
@@ -206,9 +208,11 @@ def running_stack(
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        gateway_url = f"http://{host}:{port}"
+        wait_for_route(gateway_url, ROUTE_TIMEOUT_S)
         yield StackState(
             pid=os.getpid(),
-            gateway_url=f"http://{host}:{port}",
+            gateway_url=gateway_url,
             ray_address=context.address_info["address"],
             dashboard_url=f"http://{context.dashboard_url}" if context.dashboard_url else None,
             started_ray=started_ray,
@@ -253,6 +257,27 @@ def _vllm_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def wait_for_route(gateway_url: str, timeout_s: float) -> None:
+    """Wait until the ingress routes to the gateway, not just until Serve calls the app running.
+
+    Serve reports an application running before its ingress (HAProxy here) has the route:
+    for a moment after ``serve.run`` returns, every path answers Serve's own 404. Whoever
+    calls the gateway next (a user after ``rayfleet up``, a benchmark creating its user)
+    must not see that.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{gateway_url}/health", timeout=2.0) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # URLError and HTTPError (Serve's 404) are both OSErrors
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway at {gateway_url} did not answer /health within {timeout_s:.0f}s")
+        time.sleep(0.1)
 
 
 def wait_for_engines(config: dict, timeout_s: float, stop: threading.Event) -> list:

@@ -131,3 +131,31 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
     result = cli("up", "--autoscale", "kpa", "--autoscale-option", "warp=9", "--port", str(free_port()), env=env)
     assert result.returncode == 2 and "no knob 'warp'" in result.stderr
     assert cli("down", env=env).stdout.strip() == "rayfleet is not running"
+
+
+def test_the_stack_waits_until_the_ingress_routes_to_the_gateway() -> None:
+    """Serve's ingress answers 404 for a moment after the app is running; nobody may see it."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rayfleet.stack import wait_for_route
+
+    answers = [404, 404, 503, 200]
+
+    class Ingress(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(answers.pop(0) if len(answers) > 1 else answers[0])
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ingress)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wait_for_route(f"http://127.0.0.1:{server.server_port}", timeout_s=30)
+        assert answers == [200]
+        answers[0] = 404
+        with pytest.raises(RuntimeError, match="did not answer /health"):
+            wait_for_route(f"http://127.0.0.1:{server.server_port}", timeout_s=0.3)
+    finally:
+        server.shutdown()
