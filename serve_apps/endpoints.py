@@ -28,6 +28,7 @@ class Endpoint(BaseModel):
     ready: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
     source: Literal["pool", "static", "kubernetes"] = Field("pool", description="who registered it")
+    owner: str = Field("", description="which registrant of its source holds it (a discovery replica's id)")
 
     def served_names(self) -> list[str]:
         return self.models or [self.model]

@@ -8,6 +8,12 @@ and every ``RESYNC_S`` anyway: the registry's ``kubernetes`` endpoints are made 
 the pods that may take traffic now, whatever happened in between (a relist, a restarted
 registry, a previous replica that deregistered on its way out).
 
+Each replica owns what it registers (``Endpoint.owner``) and claims its predecessor's
+endpoints as they are. On its way out a replica waits for those claims and withdraws only
+what it still owns: when Serve replaces it (an upgrade, a changed discovery config), the
+pods stay routable throughout; when the application drops discovery, nobody claims them
+and they go after the hand-over wait.
+
 Kubernetes says whether a pod may take traffic (Ready, an IP, not terminating); the
 registry's own probes then say whether the gateway can reach it. A pod that is not Ready
 is left out rather than registered as not ready, since those probes would soon mark a
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from ray import serve
 
@@ -33,6 +40,8 @@ SOURCE = "kubernetes"
 PORT_NAME = "http"  # the container port a serving pod names for its OpenAI API
 DEFAULT_PORT = 8000  # vLLM's
 RESYNC_S = 5.0
+HANDOVER_S = 15.0  # how long a replica on its way out waits for its successor's claims
+HANDOVER_POLL_S = 0.5
 
 
 def pod_port(pod: dict) -> int:
@@ -85,13 +94,16 @@ def same_target(registered: Endpoint, wanted: Endpoint) -> bool:
     return (registered.url, registered.model, registered.labels) == (wanted.url, wanted.model, wanted.labels)
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10)
+# Serve's default graceful shutdown (20 s) would cut the hand-over short on a loaded node.
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10,
+                  graceful_shutdown_timeout_s=HANDOVER_S + 15)
 class KubeDiscovery:
     """Keeps the registry's ``kubernetes`` endpoints equal to the serving pods."""
 
     async def __init__(self, config: dict) -> None:
         self.config = KubernetesDiscoveryConfig.model_validate(config)
         self.registry = get_registry()
+        self.owner = uuid.uuid4().hex
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._bad_pods: dict[str, str] = {}  # pod -> why it cannot be routed to, logged once
@@ -118,7 +130,7 @@ class KubeDiscovery:
                     logger.warning("pod %s is not routed to: %s", key, exc)
                 continue
             if endpoint is not None:
-                endpoints[endpoint.name] = endpoint
+                endpoints[endpoint.name] = endpoint.model_copy(update={"owner": self.owner})
         self._bad_pods = bad
         return endpoints
 
@@ -129,8 +141,11 @@ class KubeDiscovery:
         for name in registered.keys() - wanted.keys():
             await self.registry.deregister.remote(name)
         for name, endpoint in wanted.items():
-            if name not in registered or not same_target(registered[name], endpoint):
+            current = registered.get(name)
+            if current is None or not same_target(current, endpoint):
                 await self.registry.register.remote(endpoint)
+            elif current.owner != self.owner and not await self.registry.claim.remote(name, self.owner):
+                await self.registry.register.remote(endpoint)  # withdrawn between snapshot and claim
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -148,11 +163,21 @@ class KubeDiscovery:
                 self.registry = get_registry()
 
     async def __del__(self) -> None:
-        """Stop watching and withdraw the pods: an application redeployed without discovery
-        must not keep routing to them. A replica replacing this one registers them again."""
+        """Stop watching, hand the pods over, and withdraw those nobody took.
+
+        Serve stops a replaced replica while its successor starts, and the successor needs
+        a few seconds (a process, a pod list) before it claims the pods: withdrawing them at
+        once would leave the model without endpoints, and every request 503, in between.
+        So this waits up to ``HANDOVER_S`` for the claims. An application redeployed without
+        discovery has no successor, and its pods go when the wait ends.
+        """
         self._task.cancel()
         await asyncio.to_thread(self.informer.stop)
-        snapshot = await self.registry.snapshot.remote()
-        await asyncio.gather(
-            *(self.registry.deregister.remote(e.name) for e in snapshot.endpoints if e.source == SOURCE)
-        )
+        deadline = self._loop.time() + HANDOVER_S
+        while True:
+            snapshot = await self.registry.snapshot.remote()
+            owned = [e.name for e in snapshot.endpoints if e.source == SOURCE and e.owner == self.owner]
+            if not owned or self._loop.time() >= deadline:
+                break
+            await asyncio.sleep(HANDOVER_POLL_S)
+        await asyncio.gather(*(self.registry.deregister.remote(name, self.owner) for name in owned))

@@ -57,12 +57,25 @@ class EndpointRegistry:
             return self._version
         return await self.register(endpoint)
 
-    async def deregister(self, name: str) -> int:
-        if self._endpoints.pop(name, None) is not None:
-            self._failures.pop(name, None)
-            logger.info("deregistered endpoint %s", name)
-            return self._bump()
-        return self._version
+    async def deregister(self, name: str, owner: str | None = None) -> int:
+        """Remove an endpoint; with ``owner``, only while that registrant still holds it, so a
+        replaced discovery replica on its way out cannot withdraw what its successor took over."""
+        endpoint = self._endpoints.get(name)
+        if endpoint is None or (owner is not None and endpoint.owner != owner):
+            return self._version
+        del self._endpoints[name]
+        self._failures.pop(name, None)
+        logger.info("deregistered endpoint %s", name)
+        return self._bump()
+
+    async def claim(self, name: str, owner: str) -> bool:
+        """Hand an endpoint to another registrant as it is (readiness and served names kept);
+        False if it is gone. Not a routing change, so no new version."""
+        endpoint = self._endpoints.get(name)
+        if endpoint is None:
+            return False
+        self._endpoints[name] = endpoint.model_copy(update={"owner": owner})
+        return True
 
     async def set_ready(self, name: str, ready: bool) -> int:
         """Mark an endpoint (not) ready, e.g. while it drains before a scale-down."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
@@ -19,9 +21,10 @@ from fleet.api import ANNOTATION_MODEL_NAME, ANNOTATION_PORT, LABEL_MODEL
 from fleet.informer import new_api_client
 from serve_apps.config import AppConfig
 from serve_apps.kube_discovery import pod_endpoint
-from serve_apps.registry import get_registry
+from serve_apps.registry import EndpointRegistry, get_registry
 from tests.conftest import deploy_app
-from tests.kube_env import KubeTestEnv, eventually
+from tests.kube_env import KubeTestEnv
+from tests.polling import eventually
 from tests.simulator_fixtures import SimulatorProcess
 from tests.test_gateway import post
 
@@ -104,6 +107,27 @@ def test_a_port_annotation_that_is_no_number_is_an_error() -> None:
         pod_endpoint(serving_pod(ports=[], annotations={ANNOTATION_PORT: "http"}))
 
 
+def test_a_replaced_registrant_withdraws_only_what_it_still_owns(ray_cluster: None) -> None:
+    """The hand-over between discovery replicas, on a registry actor of its own: the
+    successor claims the pod as it is, and its predecessor's withdrawal then leaves it alone."""
+    registry = EndpointRegistry.remote(health_interval_s=3600)  # no probes: the pod is not reachable
+    try:
+        pod = pod_endpoint(serving_pod())
+        assert pod is not None
+        ray.get(registry.register.remote(pod.model_copy(update={"owner": "old", "ready": True})))
+        version = ray.get(registry.snapshot.remote()).version
+        assert ray.get(registry.claim.remote(pod.name, "new"))
+        ray.get(registry.deregister.remote(pod.name, "old"))
+        snapshot = ray.get(registry.snapshot.remote())
+        assert [(e.owner, e.ready) for e in snapshot.endpoints] == [("new", True)]
+        assert snapshot.version == version  # a claim changes no route: gateways need not refresh
+        ray.get(registry.deregister.remote(pod.name, "new"))
+        assert not ray.get(registry.snapshot.remote()).endpoints
+        assert not ray.get(registry.claim.remote(pod.name, "new"))
+    finally:
+        ray.kill(registry, no_restart=True)
+
+
 def test_discovery_config_defaults_to_every_namespace_in_cluster() -> None:
     config = AppConfig.model_validate({"kubernetes_discovery": {}, "models": [{"name": MODEL}]})
     assert config.kubernetes_discovery is not None
@@ -145,6 +169,11 @@ def set_ready(core: client.CoreV1Api, namespace: str, name: str, ready: bool) ->
 
 def kubernetes_endpoints() -> list[str]:
     return [e.name for e in ray.get(get_registry().snapshot.remote()).endpoints if e.source == "kubernetes"]
+
+
+def owners() -> set[str]:
+    """The discovery replicas that hold the registry's Kubernetes endpoints."""
+    return {e.owner for e in ray.get(get_registry().snapshot.remote()).endpoints if e.source == "kubernetes"}
 
 
 @pytest.mark.k8s
@@ -213,10 +242,35 @@ def test_the_gateway_routes_to_ready_pods_and_stops_when_they_go(
     core.delete_namespaced_pod("head", kube_namespace)
     eventually(refused, "503 once the pod is deleted", WAIT_S)
 
-    # Redeployed without discovery: its replica goes, with its watch and its endpoints.
+    # A changed discovery config: Serve replaces the replica, and the pod stays in the
+    # registry all along (the successor claims it before its predecessor withdraws its own).
     core.create_namespaced_pod(kube_namespace, head)
     set_ready(core, kube_namespace, "head", True)
     eventually(lambda: kubernetes_endpoints() == [f"{kube_namespace}.head"], "the recreated pod", WAIT_S)
+    (first_owner,) = owners()
+    samples: list[list[str]] = []
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.is_set():
+            samples.append(kubernetes_endpoints())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        config["kubernetes_discovery"]["label_selector"] = f"{LABEL_MODEL},ray.io/node-type=head"
+        deploy_app(config, gateway_port, expected_ready=0)
+        eventually(lambda: first_owner not in owners(), "the successor's claim", WAIT_S)
+        eventually(lambda: namespaced_pod_watches(kube) == watches_before + 1, "the old replica's watch closed", WAIT_S)
+        time.sleep(1.0)  # the old replica withdraws right after closing its watch
+    finally:
+        stop_sampling.set()
+        sampler.join()
+    assert samples and all(names == [f"{kube_namespace}.head"] for names in samples), samples
+    assert served()
+
+    # Redeployed without discovery: its replica goes, with its watch and its endpoints.
     del config["kubernetes_discovery"]
     deploy_app(config, gateway_port, expected_ready=0)
     eventually(lambda: kubernetes_endpoints() == [], "the endpoints withdrawn", WAIT_S)
