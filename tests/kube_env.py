@@ -20,7 +20,6 @@ import signal
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import yaml
 
 from engines.launcher import free_port, spawn_child, stop_child
+from tests.polling import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 KUBE_BUILD = REPO / ".ci" / "kube-build"
@@ -62,16 +62,6 @@ def find_binaries() -> Path:
     if shutil.which("etcd") is None:
         raise KubeBinariesMissing("etcd is not installed: apt-get install etcd-server (.ci/kube-build does)")
     return directory
-
-
-def eventually(check: Callable[[], bool], what: str, timeout_s: float) -> None:
-    """Poll ``check`` until it holds, or raise ``TimeoutError`` naming ``what``; ``check`` may raise to
-    give up early. Deadlines here are generous on purpose: this is a noisy 2-core machine."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def without_cel(node: Any) -> Any:

@@ -18,10 +18,8 @@ from autoscaling import ScalingPolicy, build_policy
 from bench.autoscale import Settings, evaluate, summary
 from bench.autoscale_sim import (
     AutoscaleSimulation,
-    BatchEngine,
     FleetBounds,
     ScaleEvent,
-    SimRequest,
     autoscaler_spec,
     count_oscillations,
 )
@@ -34,6 +32,7 @@ from bench.autoscale_workloads import (
     synthetic_workload,
     trace_workload,
 )
+from bench.batch_engine import BatchEngine, SimRequest
 from bench.cli import add_bench_parser, run_bench
 from bench.stats import RequestRecord, Slo
 from bench.workloads import LengthPool, Lengths, TracedRequest

@@ -24,7 +24,8 @@ from tests.fleet_harness import (
     fleet_body,
     with_version,
 )
-from tests.kube_env import KubeTestEnv, eventually
+from tests.kube_env import KubeTestEnv
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
 

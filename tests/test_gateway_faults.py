@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 import urllib.error
 import urllib.request
 
@@ -14,6 +13,7 @@ import ray
 
 from serve_apps.registry import get_registry
 from tests.conftest import MODEL, deploy_app, pool_config
+from tests.polling import eventually
 from tests.test_gateway import post
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,13 +26,6 @@ def gateway(gateway_port: int) -> str:
 
 def engines() -> dict[str, object]:
     return {e.name: e for e in ray.get(get_registry().snapshot.remote()).endpoints if e.model == MODEL}
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def gauge(url: str, name: str) -> float:
@@ -52,8 +45,8 @@ def test_dead_engine_is_routed_around_then_restarted(gateway: str) -> None:
         assert status == 200, payload
         assert headers["target-pod"] != victim.name
     # The engine pool notices and starts the engine again, on the same URL.
-    wait_until(lambda: engines()[victim.name].ready, 60, "the crashed engine to come back")
-    wait_until(lambda: _served_by(gateway, body, victim.name), 30, "traffic to reach the restarted engine")
+    eventually(lambda: engines()[victim.name].ready, "the crashed engine to come back", 60)
+    eventually(lambda: _served_by(gateway, body, victim.name), "traffic to reach the restarted engine", 30)
 
 
 def _served_by(gateway: str, body: bytes, name: str) -> bool:
@@ -81,4 +74,4 @@ def test_client_leaving_mid_stream_aborts_the_engine_request(gateway: str) -> No
         target = re.search(rb"target-pod: (\S+)", first).group(1).decode()
     url = engines()[target].url
     # 2,000 tokens at ~7 ms each would run for 14 s; the abort must end it long before.
-    wait_until(lambda: gauge(url, "vllm:num_requests_running") == 0, 10, "the engine to drop the request")
+    eventually(lambda: gauge(url, "vllm:num_requests_running") == 0, "the engine to drop the request", 10)

@@ -10,7 +10,8 @@ import pytest
 from kubernetes import client
 
 from fleet.informer import Informer, Resource, new_api_client
-from tests.kube_env import KubeTestEnv, eventually
+from tests.kube_env import KubeTestEnv
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(180)]
 

@@ -12,7 +12,8 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.kube_env import CEL_KEY, KubeTestEnv, eventually
+from tests.kube_env import CEL_KEY, KubeTestEnv
+from tests.polling import eventually
 
 pytestmark = pytest.mark.k8s
 

@@ -23,7 +23,8 @@ from serve_apps.routing import RoutingRequest
 from serve_apps.routing.prompt_blocks import block_hashes
 from tests.conftest import MODEL, deploy_app, pool_config
 from tests.test_gateway import post
-from tests.test_gateway_faults import engines, wait_until
+from tests.polling import eventually
+from tests.test_gateway_faults import engines
 from tests.test_strategy_behaviour import words
 
 pytestmark = pytest.mark.timeout(300)
@@ -73,7 +74,7 @@ def empty_caches(gateway: str) -> None:
 def test_the_index_follows_eviction_and_direct_traffic(gateway: str) -> None:
     prompt = words(600, seed=1)  # ~38 blocks
     first = send(gateway, prompt)
-    wait_until(lambda: indexed(prompt).get(first, 0) >= 30, 30, "the index to learn the first placement")
+    eventually(lambda: indexed(prompt).get(first, 0) >= 30, "the index to learn the first placement", 30)
     assert send(gateway, prompt) == first  # it holds the prefix: routed back there
     (other,) = set(engines()) - {first}
 
@@ -81,18 +82,18 @@ def test_the_index_follows_eviction_and_direct_traffic(gateway: str) -> None:
     # traffic, only the engine's BlockRemoved events tell the index the prefix is gone.
     for seed in (2, 3, 4):
         send(engines()[first].url, words(600, seed=seed))
-    wait_until(lambda: indexed(prompt).get(first, 1) == 0, 30, "the index to forget the evicted prefix")
+    eventually(lambda: indexed(prompt).get(first, 1) == 0, "the index to forget the evicted prefix", 30)
 
     # And blocks stored behind the gateway's back are found: the other engine now holds it.
     send(engines()[other].url, prompt)
-    wait_until(lambda: indexed(prompt).get(other, 0) >= 30, 30, "the index to learn the direct request")
+    eventually(lambda: indexed(prompt).get(other, 0) >= 30, "the index to learn the direct request", 30)
     assert {send(gateway, prompt) for _ in range(4)} == {other}
 
 
 def test_routing_stays_correct_while_a_shard_restarts(gateway: str) -> None:
     prompt = words(600, seed=11)
     holder = send(gateway, prompt)
-    wait_until(lambda: indexed(prompt).get(holder, 0) >= 30, 30, "the index to learn the placement")
+    eventually(lambda: indexed(prompt).get(holder, 0) >= 30, "the index to learn the placement", 30)
     shard = ensure_index(SHARDS, 2_500_000)[0]
     ray.kill(shard, no_restart=False)
     # While the shard restarts, lookups miss their budget or find half a chain: requests
@@ -110,7 +111,7 @@ def test_routing_stays_correct_while_a_shard_restarts(gateway: str) -> None:
     sender = threading.Thread(target=keep_sending)
     sender.start()
     try:
-        wait_until(lambda: indexed(prompt).get(holder, 0) >= 30, 60, "the restarted shard to be rebuilt")
+        eventually(lambda: indexed(prompt).get(holder, 0) >= 30, "the restarted shard to be rebuilt", 60)
     finally:
         done.set()
         sender.join()

@@ -7,11 +7,10 @@ import asyncio
 import json
 import random
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -26,6 +25,7 @@ from serve_apps.routing.signals import EngineMetrics, GatewayStats, fresh
 from serve_apps.routing.throughput import ThroughputStrategy
 from serve_apps.routing.vtc_basic import VtcBasicStrategy
 from serve_apps.scraper import MetricsScraper, parse_vllm_metrics
+from tests.polling import eventually
 from tests.simulator_fixtures import DEFAULT_MODEL
 
 NOW = 1000.0
@@ -257,13 +257,6 @@ def requests_at(url: str) -> float:
     return reported.num_requests_running + reported.num_requests_waiting
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
-
-
 def send_long_request(url: str) -> None:
     body = {"model": DEFAULT_MODEL, "prompt": "hello " * 2000, "max_tokens": 400, "ignore_eos": True}
     data = json.dumps(body).encode()
@@ -280,7 +273,7 @@ def test_scraper_orders_endpoints_by_kv_usage_like_their_metrics(simulator_facto
     loaded, idle = (simulator_factory("--gpu", "h100", "--time-scale", "20") for _ in range(2))
     for _ in range(2):
         threading.Thread(target=send_long_request, args=(loaded.url,), daemon=True).start()
-    wait_until(lambda: requests_at(loaded.url) == 2)
+    eventually(lambda: requests_at(loaded.url) == 2, "both long requests to run on the loaded engine", 20)
     states = [EndpointState(name="loaded", url=loaded.url), EndpointState(name="idle", url=idle.url)]
 
     async def scrape_until_both_seen() -> None:

@@ -41,7 +41,8 @@ from serve_apps.scraper import DEFAULT_INTERVAL_S as SCRAPE_INTERVAL_S
 from tests.conftest import MODEL, deploy_app, pool_config
 from tests.test_engine_core import tokens
 from tests.test_gateway import post
-from tests.test_gateway_faults import engines, gauge, wait_until
+from tests.polling import eventually
+from tests.test_gateway_faults import engines, gauge
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -85,7 +86,7 @@ def fleet_idle(engine_urls: dict[str, str]) -> bool:
 @pytest.fixture(autouse=True)
 def idle_fleet(engine_urls: dict[str, str]) -> None:
     """Each test starts with no request anywhere, so the load it builds is all there is."""
-    wait_until(lambda: fleet_idle(engine_urls), 30, "the engines to finish earlier requests")
+    eventually(lambda: fleet_idle(engine_urls), "the engines to finish earlier requests", 30)
 
 
 class Streams:
@@ -118,7 +119,7 @@ def streams(engine_urls: dict[str, str]) -> Iterator[Streams]:
     held = Streams()
     yield held
     held.close_all()
-    wait_until(lambda: fleet_idle(engine_urls), 30, "the engines to abort the closed streams")
+    eventually(lambda: fleet_idle(engine_urls), "the engines to abort the closed streams", 30)
 
 
 def words(count: int, seed: int) -> str:
@@ -207,7 +208,7 @@ def test_least_kv_cache_avoids_endpoint_loaded_behind_the_gateways_back(
     full = pods[0]
     for i in range(2):
         streams.open(engine_urls[full], chat(words(5000, seed=100 + i)))
-    wait_until(lambda: gauge(engine_urls[full], "vllm:kv_cache_usage_perc") > 0.15, 30, "the KV cache to fill")
+    eventually(lambda: gauge(engine_urls[full], "vllm:kv_cache_usage_perc") > 0.15, "the KV cache to fill", 30)
     time.sleep(2 * SCRAPE_INTERVAL_S)  # at least one scrape since
     counts = probe(gateway, "least-kv-cache", 20)
     assert counts[full] == 0, counts
@@ -344,5 +345,5 @@ def test_session_affinity_sticks_and_moves_only_when_its_endpoint_leaves(
 
     # The engine pool restarts the engine on the same URL; once it serves again it is a
     # candidate again, but the session stays where it moved.
-    wait_until(lambda: route(gateway, chat("anyone"), {"routing-strategy": "random"}) == first, 60, "the restart")
+    eventually(lambda: route(gateway, chat("anyone"), {"routing-strategy": "random"}) == first, "the restart", 60)
     assert [route(gateway, chat(f"back {i}"), sticky) for i in range(10)] == moved[:1] * 10
