@@ -4,8 +4,8 @@
   ``/metrics`` and the metric's value for the model summed over the endpoint's lines (vLLM's
   data-parallel ``engine`` label); ``total`` sums over endpoints, ``pods`` counts those that
   answered, as the policies expect (KPA uses the total, HPA and APA the per-pod average).
-- ``gateway``: the gateway replicas' own count of the model's requests in flight, which
-  they report to the registry every second.
+- ``gateway``: the gateway replicas' own count of the model's requests (in flight, or held
+  for a pool scaled to zero), which they report to the registry every second.
 - ``external``: one number from an HTTP endpoint (a plain number, or JSON ``{"value": x}``).
 
 A source that cannot be read gives ``pods=0``: the policies then apply HPA's missing-metric
@@ -71,9 +71,11 @@ async def observe_external(session: aiohttp.ClientSession, source: MetricSource)
 
 
 async def observe_gateway(registry, source: MetricSource, model: str) -> Observation:  # type: ignore[no-untyped-def]
-    """In flight across the gateway replicas; ``queued`` is always 0 (the gateway answers 503
-    instead of holding requests while no endpoint is ready)."""
-    in_flight, reporting = await registry.model_load.remote(model)
-    if reporting == 0:
+    """The model's requests across the gateway replicas: ``in_flight`` counts every request a
+    client waits on (sent to an engine, or held until a pool scaled to zero has one, which
+    Knative's activator counts too); ``queued`` only the held ones."""
+    load = await registry.model_load.remote(model)
+    if load.reporting == 0:
         return Observation(source.targetMetric, 0.0, 0)
-    return Observation(source.targetMetric, float(in_flight) if source.targetMetric == GATEWAY_IN_FLIGHT else 0.0, 1)
+    value = load.in_flight + load.queued if source.targetMetric == GATEWAY_IN_FLIGHT else load.queued
+    return Observation(source.targetMetric, float(value), 1)

@@ -105,15 +105,19 @@ class Gateway:
         while True:
             await asyncio.sleep(GAUGE_PUBLISH_S)
             self.metrics.publish_in_flight({e.name: e.in_flight for e in self.view.endpoints()})
+            waiting = self.view.waiting_by_model()
+            self.metrics.publish_queued({m.name: waiting.get(m.name, 0) for m in self.config.models})
             await self._report_load()
             self.metrics.publish_fallbacks(FALLBACKS.snapshot())
             if self.gateway_app.limiter is not None:
                 self.metrics.publish_admissions(self.gateway_app.limiter.outcomes)
 
     async def _report_load(self) -> None:
-        """Requests in flight per model, for autoscalers that scale on the gateway's signal."""
+        """Requests in flight and held per model, for autoscalers that scale on the gateway's signal."""
         try:
-            await get_registry().report_load.remote(self._replica_id, self.view.in_flight_by_model())
+            await get_registry().report_load.remote(
+                self._replica_id, self.view.in_flight_by_model(), self.view.waiting_by_model()
+            )
         except ray.exceptions.RayError as exc:  # a restarting registry: the next tick reports again
             logger.debug("load report failed: %s", exc)
 

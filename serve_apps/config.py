@@ -61,6 +61,11 @@ class AutoscalingConfig(BaseModel):
         default_factory=dict, description="the policy's knobs, e.g. {'autoscaling.rayfleet.io/stable-window': '60s'}"
     )
 
+    @property
+    def scales_from_zero(self) -> bool:
+        """Whether the pool may have no engine at all, so the gateway must hold its requests."""
+        return self.min_replicas == 0
+
     def pod_autoscaler(self, model: str) -> PodAutoscaler:
         """The PodAutoscaler this config stands for (validated: bounds, annotations)."""
         return PodAutoscaler.model_validate({
@@ -138,6 +143,9 @@ class GatewayConfig(BaseModel):
     read_timeout_s: float = Field(600.0, gt=0, description="longest silence allowed from an engine mid-response")
     seed: int | None = None
     scrape_interval_s: float = Field(0.5, gt=0, le=60, description="how often each engine's /metrics is read")
+    activation_timeout_s: float = Field(
+        120.0, ge=0, description="longest a request waits for an engine of a pool scaled to zero to start"
+    )
     kv_index: KVIndexConfig = Field(default_factory=KVIndexConfig)
     strategy_options: StrategyOptions = Field(
         default_factory=dict,

@@ -127,6 +127,10 @@ class GatewayApp:
         self._default_set = StrategySet(seed, config.routing_options())
         self._strategy_names = {name: name.encode() for name in STRATEGY_CLASSES}
         self._model_strategy = {m.name: m.default_strategy for m in config.models if m.default_strategy}
+        # Pools an autoscaler may scale to zero: a request finding no engine waits for one.
+        self._scales_from_zero = {
+            m.name for m in config.models if m.pool and m.autoscaling and m.autoscaling.scales_from_zero
+        }
         self._pools: dict[str, UpstreamPool] = {}
 
     def _pool(self, url: str) -> UpstreamPool:
@@ -187,7 +191,8 @@ class GatewayApp:
 
     def _models_body(self) -> bytes:
         created = int(time.time())
-        cards = [{"id": m, "object": "model", "created": created, "owned_by": "rayfleet"} for m in self.view.models()]
+        models = sorted(set(self.view.models()) | self._scales_from_zero)  # at zero they still serve, after a wait
+        cards = [{"id": m, "object": "model", "created": created, "owned_by": "rayfleet"} for m in models]
         return orjson.dumps({"object": "list", "data": cards})
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -205,6 +210,8 @@ class GatewayApp:
             if self.view.is_adapter(model):
                 request.lora_name = model
             ticket = await self._admit(request, headers, len(body))
+            if not candidates:
+                candidates = await self._activate(request, ticket)
         except GatewayError as error:
             if self.metrics:
                 self.metrics.record_error(model, error.code or str(error.status))
@@ -366,12 +373,34 @@ class GatewayApp:
         return name
 
     def _candidates(self, model: str) -> list[EndpointState]:
+        """The model's ready endpoints; none only for a pool that scales from zero (then
+        ``_activate`` waits for one). Raises 503 for a known model with none ready, 400 for
+        an unknown one."""
         candidates = self.view.ready_endpoints(model)
-        if candidates:
+        if candidates or model in self._scales_from_zero:
             return candidates
         if self.view.knows(model) or model in self._strategy_sets:  # configured, e.g. discovered pods not ready yet
             raise GatewayError(503, f"no ready endpoint serves model {model!r}; retry shortly", code="no_ready_endpoint")
         raise GatewayError(400, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+
+    async def _activate(self, request: RoutingRequest, ticket: Ticket | None) -> list[EndpointState]:
+        """Hold an admitted request until its pool, scaled to zero, has an engine ready.
+
+        After admission, so that a caller the limiter refuses never wakes the pool. The
+        gateway reports held requests (``queued``, and in ``in_flight``) to the autoscaler,
+        which starts engines on them; past ``activation_timeout_s`` the caller gets 503 and
+        its token reservation back.
+        """
+        timeout_s = self.config.gateway.activation_timeout_s
+        candidates = await self.view.wait_ready(request.model, timeout_s)
+        if candidates:
+            return candidates
+        if ticket is not None:
+            await self._settle(ticket, request, Usage())
+        raise GatewayError(
+            503, f"no engine for model {request.model!r} became ready within {timeout_s:g}s; retry shortly",
+            code="no_ready_endpoint",
+        )  # fmt: skip
 
     async def _relay(
         self,

@@ -60,6 +60,11 @@ class GatewayMetrics:
             "Requests this gateway replica has in flight to each endpoint.",
             tag_keys=("endpoint",),
         )
+        self.queued = Gauge(
+            "rayfleet_gateway_queued_requests",
+            "Requests this gateway replica holds until their model's pool, scaled to zero, has an engine.",
+            tag_keys=("model",),
+        )
 
     def record(self, model: str, endpoint: str, strategy: str, status: int, first_byte_s: float, total_s: float) -> None:
         self.requests.inc(1, {"model": model, "endpoint": endpoint, "strategy": strategy, "status": str(status)})
@@ -93,3 +98,7 @@ class GatewayMetrics:
     def publish_in_flight(self, counts: dict[str, int]) -> None:
         for endpoint, count in counts.items():
             self.in_flight.set(count, {"endpoint": endpoint})
+
+    def publish_queued(self, counts: dict[str, int]) -> None:
+        for model, count in counts.items():
+            self.queued.set(count, {"model": model})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import NamedTuple
 
 import aiohttp
 import ray
@@ -23,6 +24,14 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "rayfleet"
 REGISTRY_NAME = "rayfleet-endpoint-registry"
 LOAD_MAX_AGE_S = 5.0
+
+
+class ModelLoad(NamedTuple):
+    """One model's requests across the gateway replicas that report."""
+
+    in_flight: int  # sent to an engine and not finished
+    queued: int  # held by a gateway until the model has a ready engine
+    reporting: int  # gateway replicas whose report is fresh
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -37,7 +46,8 @@ class EndpointRegistry:
         self._health_interval_s = health_interval_s
         self._unhealthy_after = unhealthy_after
         self._health_task: asyncio.Task | None = None
-        self._loads: dict[str, tuple[float, dict[str, int]]] = {}  # gateway replica -> (when, model -> in flight)
+        # gateway replica -> (when, model -> in flight, model -> queued)
+        self._loads: dict[str, tuple[float, dict[str, int], dict[str, int]]] = {}
 
     async def register(self, endpoint: Endpoint) -> int:
         """Add or replace an endpoint; returns the new registry version."""
@@ -85,21 +95,26 @@ class EndpointRegistry:
         self._endpoints[name] = endpoint.model_copy(update={"ready": ready})
         return self._bump()
 
-    async def report_load(self, replica: str, in_flight: dict[str, int]) -> None:
-        """A gateway replica's requests in flight per model, sent every second (autoscaling's
-        ``gateway`` metric: the concurrency clients see, queued engines included)."""
+    async def report_load(self, replica: str, in_flight: dict[str, int], queued: dict[str, int] | None = None) -> None:
+        """A gateway replica's requests per model, sent every second (autoscaling's ``gateway``
+        metric): ``in_flight`` sent to engines (queued in engines included), ``queued`` held
+        in the gateway until a pool scaled to zero has an engine."""
         now = time.monotonic()
-        self._loads[replica] = (now, in_flight)
+        self._loads[replica] = (now, in_flight, queued or {})
         # Replicas that stopped reporting (replaced, scaled down) are forgotten after a while.
-        for gone in [r for r, (at, _) in self._loads.items() if now - at > 10 * LOAD_MAX_AGE_S]:
+        for gone in [r for r, (at, *_) in self._loads.items() if now - at > 10 * LOAD_MAX_AGE_S]:
             del self._loads[gone]
 
-    async def model_load(self, model: str, max_age_s: float = LOAD_MAX_AGE_S) -> tuple[int, int]:
-        """(requests in flight for ``model`` over the fresh reports, replicas reporting);
-        a replica silent for ``max_age_s`` has died or stalled and no longer counts."""
+    async def model_load(self, model: str, max_age_s: float = LOAD_MAX_AGE_S) -> ModelLoad:
+        """``model``'s requests over the fresh reports; a replica silent for ``max_age_s`` has
+        died or stalled and no longer counts."""
         fresh_after = time.monotonic() - max_age_s
-        fresh = [loads for at, loads in self._loads.values() if at >= fresh_after]
-        return sum(loads.get(model, 0) for loads in fresh), len(fresh)
+        fresh = [(in_flight, queued) for at, in_flight, queued in self._loads.values() if at >= fresh_after]
+        return ModelLoad(
+            in_flight=sum(in_flight.get(model, 0) for in_flight, _ in fresh),
+            queued=sum(queued.get(model, 0) for _, queued in fresh),
+            reporting=len(fresh),
+        )
 
     async def snapshot(self) -> RegistrySnapshot:
         return RegistrySnapshot(version=self._version, endpoints=list(self._endpoints.values()))

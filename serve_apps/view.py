@@ -26,6 +26,8 @@ class EndpointView:
         self._all: dict[str, list[EndpointState]] = {}
         self._ready: dict[str, list[EndpointState]] = {}
         self._adapters: set[str] = set()
+        self._applied = asyncio.Event()  # set and replaced on every apply: wakes wait_ready
+        self._waiting: dict[str, int] = {}
 
     def apply(self, snapshot: RegistrySnapshot) -> None:
         """Replace the view with ``snapshot``, keeping the live counters of known endpoints."""
@@ -47,6 +49,8 @@ class EndpointView:
         self._all = by_model
         self._ready = {model: [s for s in group if s.ready] for model, group in by_model.items()}
         self.version = snapshot.version
+        self._applied.set()
+        self._applied = asyncio.Event()
 
     def knows(self, model: str) -> bool:
         return model in self._all
@@ -57,6 +61,32 @@ class EndpointView:
 
     def ready_endpoints(self, model: str) -> list[EndpointState]:
         return self._ready.get(model, [])
+
+    async def wait_ready(self, model: str, timeout_s: float) -> list[EndpointState]:
+        """Wait until ``model`` has a ready endpoint (empty list at the timeout), counted as
+        waiting meanwhile: Knative's activator, for a pool scaled to zero whose autoscaler
+        starts an engine when the gateway reports requests waiting for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._waiting[model] = self._waiting.get(model, 0) + 1
+        try:
+            while not (ready := self.ready_endpoints(model)):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._applied.wait(), remaining)
+                except TimeoutError:
+                    break
+            return ready
+        finally:
+            self._waiting[model] -= 1
+            if not self._waiting[model]:
+                del self._waiting[model]
+
+    def waiting_by_model(self) -> dict[str, int]:
+        """Requests this replica holds until their model has a ready endpoint."""
+        return dict(self._waiting)
 
     def models(self) -> list[str]:
         """Models with at least one ready endpoint, in name order."""

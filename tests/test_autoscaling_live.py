@@ -13,24 +13,27 @@ import asyncio
 import json
 import threading
 import time
+import urllib.request
 
 import aiohttp
+import openai
 import pytest
 
 from rayfleet.stack import UpOptions, UsageError, build_config
 from tests.conftest import MODEL, deploy_app, pool_config
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(400)
 
 KNOBS = {"stable-window": "6s", "panic-window": "2s", "scale-down-delay": "4s", "sync-period": "1s"}
 
 
-def autoscaled_config() -> dict:
-    config = pool_config(replicas=1, gpu="h100", time_scale=1.0)
+def autoscaled_config(replicas: int = 1, min_replicas: int = 1, max_replicas: int = 3, **knobs: str) -> dict:
+    config = pool_config(replicas=replicas, gpu="h100", time_scale=1.0)
     config["models"][0]["autoscaling"] = {
-        "strategy": "KPA", "min_replicas": 1, "max_replicas": 3,
+        "strategy": "KPA", "min_replicas": min_replicas, "max_replicas": max_replicas,
         "metrics": [{"metricSourceType": "gateway", "targetMetric": "in_flight", "targetValue": 2}],
-        "annotations": {f"autoscaling.rayfleet.io/{k}": v for k, v in KNOBS.items()},
+        "annotations": {f"autoscaling.rayfleet.io/{k}": v for k, v in {**KNOBS, **knobs}.items()},
     }  # fmt: skip
     return config
 
@@ -103,6 +106,28 @@ def test_kpa_scales_up_in_a_burst_and_down_after_the_delay_without_losing_a_requ
     assert (final["current"], final["ready"]) == (1, 1), final
     downs = [at for (at, s), (_, before) in zip(timeline[1:], timeline) if s["current"] < before["current"]]
     assert downs and downs[0] - started > 10 + 4, "scaled down before the burst's stable window and delay passed"
+
+
+def test_kpa_scales_a_pool_from_zero_for_a_waiting_request_and_back_to_zero(gateway_port: int) -> None:
+    """Knative's activator path: with no engine, the gateway holds the request and reports
+    it; KPA starts an engine; the request is answered; idle again, the pool goes to zero."""
+    url = deploy_app(autoscaled_config(replicas=0, min_replicas=0, max_replicas=2, **{"scale-down-delay": "0s"}),
+                     gateway_port, expected_ready=0)  # fmt: skip
+    eventually(lambda: (status()["current"], status()["ready"]) == (0, 0), "the pool at zero", 30)
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
+        assert MODEL in [card["id"] for card in json.loads(response.read())["data"]]  # listed while at zero
+
+    llm = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = llm.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "wake up"}], max_tokens=8
+    )
+    assert reply.parse().choices[0].message.content and reply.headers["target-pod"]
+    woke = status()
+    assert woke["current"] >= 1 and woke["scale_events"] >= 1, woke
+
+    eventually(lambda: (status()["current"], status()["ready"]) == (0, 0), "the idle pool back at zero", 90)
+    again = llm.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "again"}], max_tokens=4)
+    assert again.choices[0].message.content  # a second activation works the same way
 
 
 def test_rayfleet_up_autoscale_flags_build_the_autoscaler() -> None:
