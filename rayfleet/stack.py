@@ -205,6 +205,11 @@ def running_stack(
         include_dashboard=include_dashboard,
     )  # fmt: skip
     started_ray = address is None
+    if threading.current_thread() is threading.main_thread():
+        # After ray.init, whose own handler ends the process on the spot: a benchmark stopped
+        # with `kill` must still tear down, or an orphaned HAProxy keeps the gateway's port.
+        # `up` replaces this with its orderly stop.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
@@ -257,6 +262,10 @@ def _vllm_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def _exit_on_sigterm(*_: object) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def wait_for_route(gateway_url: str, timeout_s: float) -> None:

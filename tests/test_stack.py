@@ -159,3 +159,31 @@ def test_the_stack_waits_until_the_ingress_routes_to_the_gateway() -> None:
             wait_for_route(f"http://127.0.0.1:{server.server_port}", timeout_s=0.3)
     finally:
         server.shutdown()
+
+
+def test_a_benchmark_stopped_with_sigterm_tears_its_stack_down(tmp_path: Path) -> None:
+    """``kill`` on a running benchmark: the stack goes down in order and frees the gateway port
+    (Ray's own SIGTERM handler would exit at once and leave Serve's HAProxy holding it)."""
+    import signal
+
+    from rayfleet.stack import port_in_use
+    from tests.polling import eventually
+
+    port = free_port()
+    log = tmp_path / "bench.log"
+    with log.open("w") as stderr:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "rayfleet.cli", "bench", "overhead", "--duration", "120", "--concurrency", "4",
+             "--client", "python", "--port", str(port)],
+            env=user_env(tmp_path), stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    try:
+        eventually(lambda: port_in_use("127.0.0.1", port) or bench.poll() is not None, "the gateway's port", 120)
+        assert bench.poll() is None, log.read_text()[-3000:]
+        time.sleep(2)  # into the measurement
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=120) == 128 + signal.SIGTERM
+        assert not port_in_use("127.0.0.1", port)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
