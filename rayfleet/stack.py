@@ -27,6 +27,10 @@ from engines.launcher import free_port
 
 APP_NAME = "rayfleet"
 ROUTE_TIMEOUT_S = 60.0
+# Per protocol. Serve gives a replaced replica's port back only after HAProxy's hard stop
+# (150 s), so a block must outlast many redeploys, not just hold the replicas of one.
+DIRECT_INGRESS_PORTS = 256
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
 # Serve settings the gateway depends on (measurements.md §2): the HAProxy ingress does not
 # collapse at 64 clients where the Python proxy does, and the throughput-optimised mode runs
@@ -43,16 +47,51 @@ SERVE_ENV = {
 
 
 def serve_environment() -> dict[str, str]:
-    """``SERVE_ENV`` plus free ports for HAProxy's stats and metrics listeners.
+    """``SERVE_ENV`` plus ports of our own for the listeners Serve would put on fixed ports.
 
-    Serve binds those two on fixed ports (8404, 9101) on every interface, so a second
-    Serve cluster on the same machine (a test cluster beside ``rayfleet up``, two users on
-    one host) would fail to start HAProxy. Ports the user set explicitly are kept.
+    HAProxy's stats and metrics listeners default to 8404 and 9101: a second Serve cluster
+    on the same machine (a test cluster beside ``rayfleet up``, two users on one host) would
+    fail to start HAProxy. Worse, every cluster gives its ingress replicas direct-ingress
+    ports counted up from 30000 (HTTP) and 40000 (gRPC), bound with SO_REUSEPORT: the
+    second cluster's gateway binds the very port of the first one's, and the kernel then
+    spreads HAProxy's connections over both gateways. So each stack takes a block of ports
+    nothing listens on. Ports the user set explicitly are kept.
     """
     env = dict(SERVE_ENV)
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         env[name] = os.environ.get(name) or str(free_port("0.0.0.0"))
+    for protocol in ("HTTP", "GRPC"):
+        low, high = f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT", f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"
+        if os.environ.get(low) or os.environ.get(high):
+            continue
+        base = unused_port_block(DIRECT_INGRESS_PORTS)
+        env[low], env[high] = str(base), str(base + DIRECT_INGRESS_PORTS)
     return env
+
+
+def listening_ports() -> set[int]:
+    """TCP ports anything on this machine listens on (Linux's /proc; empty elsewhere)."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == TCP_LISTEN:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def unused_port_block(width: int) -> int:
+    """The first of ``width`` consecutive ports nothing listens on, starting at a port the OS
+    hands out as free (so away from Serve's defaults and from other stacks' blocks)."""
+    listening = listening_ports()
+    while True:
+        base = free_port("0.0.0.0")
+        if base + width <= 65535 and listening.isdisjoint(range(base, base + width + 1)):
+            return base
 
 
 class StackState(BaseModel):

@@ -187,3 +187,24 @@ def test_a_benchmark_stopped_with_sigterm_tears_its_stack_down(tmp_path: Path) -
     finally:
         if bench.poll() is None:
             bench.kill()
+
+
+def test_each_stack_takes_direct_ingress_ports_no_other_cluster_listens_on(gateway_port: int) -> None:
+    """Serve binds ingress replicas with SO_REUSEPORT from one default port up, so two clusters
+    on a machine would share a port and each other's traffic. This session's cluster runs a
+    gateway replica on its block; a second stack's block must avoid it."""
+    from rayfleet.stack import listening_ports, serve_environment
+    from tests.conftest import deploy_app, pool_config
+
+    deploy_app(pool_config(replicas=1), gateway_port, expected_ready=1)
+    low, high = (int(os.environ[f"RAY_SERVE_DIRECT_INGRESS_{end}_HTTP_PORT"]) for end in ("MIN", "MAX"))
+    assert low != 30000 and not listening_ports().isdisjoint(range(low, high + 1))  # our gateway's port
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_SERVE_DIRECT_INGRESS_")}
+    try:
+        other = serve_environment()
+    finally:
+        os.environ.update(saved)
+    for protocol in ("HTTP", "GRPC"):
+        low = int(other[f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT"])
+        high = int(other[f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"])
+        assert high > low and listening_ports().isdisjoint(range(low, high + 1))
