@@ -308,12 +308,11 @@ def _exit_on_sigterm(*_: object) -> None:
 
 
 def wait_for_route(gateway_url: str, timeout_s: float) -> None:
-    """Wait until the ingress routes to the gateway, not just until Serve calls the app running.
+    """Wait until the URL the stack hands out answers the gateway's own ``/health``.
 
-    Serve reports an application running before its ingress (HAProxy here) has the route:
-    for a moment after ``serve.run`` returns, every path answers Serve's own 404. Whoever
-    calls the gateway next (a user after ``rayfleet up``, a benchmark creating its user)
-    must not see that.
+    Serve calling the application running says nothing about the ingress (HAProxy here)
+    in front of it, which starts and reloads on its own; whoever calls the gateway next (a
+    user after ``rayfleet up``, a benchmark creating its user) should find it answering.
     """
     deadline = time.monotonic() + timeout_s
     while True:

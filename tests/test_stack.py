@@ -134,7 +134,7 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
 
 
 def test_the_stack_waits_until_the_ingress_routes_to_the_gateway() -> None:
-    """Serve's ingress answers 404 for a moment after the app is running; nobody may see it."""
+    """An ingress that is not yet answering for the gateway (404, 503) is waited out, within a bound."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from rayfleet.stack import wait_for_route
