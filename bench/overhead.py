@@ -127,7 +127,8 @@ def _measure_wrk(request: loadgen.PreparedRequest, concurrency: int, args: argpa
 
 
 def run(args: argparse.Namespace) -> int:
-    from rayfleet.stack import port_in_use, running_stack, wait_for_engines
+    from rayfleet.ports import port_in_use
+    from rayfleet.stack import running_stack, wait_for_engines
 
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") and not args.stream else "python"

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.errors import BenchUsageError
-from engines.launcher import free_port, log_dir, spawn_child, stop_child
+from engines.launcher import log_dir, spawn_child, stop_child
+from rayfleet.ports import free_port
 from rayfleet.stack import rayfleet_home
 
 logger = logging.getLogger(__name__)

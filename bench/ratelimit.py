@@ -148,7 +148,8 @@ async def _time_limiter(users: dict, key: str, samples: int, handle_samples: int
 
 
 def run(args: argparse.Namespace) -> int:
-    from rayfleet.stack import port_in_use, running_stack, wait_for_engines
+    from rayfleet.ports import port_in_use
+    from rayfleet.stack import running_stack, wait_for_engines
 
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"

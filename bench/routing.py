@@ -413,7 +413,7 @@ def _live_config(plan: Plan, args: argparse.Namespace, prefix_index: PrefixIndex
 def run_live_sweep(plan: Plan, args: argparse.Namespace, saturations: dict[str, float]) -> list[BenchRow]:
     """One stack per prefix-index mode (the mode is per model, fixed at deployment): the
     first serves every live policy and the peers, later ones only the prefix strategies."""
-    from rayfleet.stack import port_in_use
+    from rayfleet.ports import port_in_use
 
     if port_in_use("127.0.0.1", args.port):
         raise BenchUsageError(f"port {args.port} is in use: pass --port N (or stop `rayfleet up` first)")

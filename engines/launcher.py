@@ -13,7 +13,6 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -23,17 +22,12 @@ import aiohttp
 import ray
 
 from engines.config import EngineConfig, EngineKind
+from rayfleet.ports import free_port
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = {"sim": 60.0, "vllm": 1800.0}  # vLLM may download and compile for many minutes
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -82,6 +76,17 @@ def _with_free_ports(kv_events_config: dict, host: str) -> dict:
     return resolved
 
 
+def _with_ports(config: EngineConfig) -> EngineConfig:
+    """``config`` with port 0 (the HTTP port, ``tcp://*:0`` KV-event sockets) resolved to
+    ports free right now. Every start resolves afresh: a port picked for an earlier start
+    may have been taken since, and an engine that kept it could never start again."""
+    if config.port == 0:
+        config = config.model_copy(update={"port": free_port(config.host)})
+    if config.kv_events_config is not None:
+        config = config.model_copy(update={"kv_events_config": _with_free_ports(config.kv_events_config, config.host)})
+    return config
+
+
 def log_dir() -> Path:
     path = Path(tempfile.gettempdir()) / "rayfleet" / "logs"
     path.mkdir(parents=True, exist_ok=True)
@@ -92,15 +97,14 @@ class EngineProcess:
     """One engine process: start, wait until healthy, stop. Not a Ray actor by itself.
 
     ``EngineActor`` wraps it for Ray; tests and benchmarks use it directly when they need
-    an engine without a cluster.
+    an engine without a cluster. ``requested`` is the configuration as given; ``config``
+    is the one the current (or last) start ran with, its ports resolved, and ``url`` and
+    ``kv_event_endpoints`` describe that start.
     """
 
     def __init__(self, name: str, config: EngineConfig, kind: EngineKind = "sim") -> None:
-        if config.port == 0:
-            config = config.model_copy(update={"port": free_port(config.host)})
-        if config.kv_events_config is not None:
-            config = config.model_copy(update={"kv_events_config": _with_free_ports(config.kv_events_config, config.host)})
         self.name = name
+        self.requested = config
         self.config = config
         self.kind = kind
         self.process: subprocess.Popen | None = None
@@ -133,6 +137,7 @@ class EngineProcess:
         """Start the process and return once ``/health`` answers 200."""
         if self.alive():
             return
+        self.config = _with_ports(self.requested)
         command = self.config.command(self.kind)
         logger.info("starting engine %s: %s", self.name, " ".join(command))
         self.process = spawn_child(command, self.log_path, self.config.environment())

@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -23,14 +22,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from engines.launcher import free_port
+from rayfleet.ports import free_port, port_in_use, unused_port_block
 
 APP_NAME = "rayfleet"
 ROUTE_TIMEOUT_S = 60.0
 # Per protocol. Serve gives a replaced replica's port back only after HAProxy's hard stop
 # (150 s), so a block must outlast many redeploys, not just hold the replicas of one.
 DIRECT_INGRESS_PORTS = 256
-TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
 # Serve settings the gateway depends on (measurements.md §2): the HAProxy ingress does not
 # collapse at 64 clients where the Python proxy does, and the throughput-optimised mode runs
@@ -67,31 +65,6 @@ def serve_environment() -> dict[str, str]:
         base = unused_port_block(DIRECT_INGRESS_PORTS)
         env[low], env[high] = str(base), str(base + DIRECT_INGRESS_PORTS)
     return env
-
-
-def listening_ports() -> set[int]:
-    """TCP ports anything on this machine listens on (Linux's /proc; empty elsewhere)."""
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == TCP_LISTEN:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def unused_port_block(width: int) -> int:
-    """The first of ``width`` consecutive ports nothing listens on, starting at a port the OS
-    hands out as free (so away from Serve's defaults and from other stacks' blocks)."""
-    listening = listening_ports()
-    while True:
-        base = free_port("0.0.0.0")
-        if base + width <= 65535 and listening.isdisjoint(range(base, base + width + 1)):
-            return base
 
 
 class StackState(BaseModel):
@@ -138,16 +111,6 @@ def pid_alive(pid: int) -> bool:
 
 class UsageError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits 2."""
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 @dataclass

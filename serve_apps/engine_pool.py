@@ -44,20 +44,29 @@ class EngineActor:
 
     def __init__(self, name: str, model: str, config: EngineConfig, kind: EngineKind, labels: dict[str, str]) -> None:
         self.process = EngineProcess(name, config, kind)
-        events = self.process.kv_event_endpoints()
-        if events is not None:  # where the KV index's subscriber finds this engine's events
-            publish, replay = events
-            topic = (self.process.config.kv_events_config or {}).get("topic", "")
-            labels = {**labels, LABEL_KV_EVENTS: publish, LABEL_KV_EVENTS_TOPIC: topic}
-            if replay is not None:
-                labels[LABEL_KV_EVENTS_REPLAY] = replay
-        self.endpoint = Endpoint(
-            name=name, url=self.process.url, model=model, models=[model], ready=True, labels=labels, source="pool"
-        )
+        self.model = model
+        self.labels = labels
+        self.endpoint = self._describe()
         self.registry = get_registry()
         self._heartbeat: asyncio.Task | None = None
         self._start_lock = asyncio.Lock()
         self._retired = False  # draining or stopped: never started or registered again
+
+    def _describe(self) -> Endpoint:
+        """The registry entry for the process's current start: its ports may differ from
+        the last start's (``EngineProcess`` resolves port 0 afresh each time)."""
+        labels = dict(self.labels)
+        events = self.process.kv_event_endpoints()
+        if events is not None:  # where the KV index's subscriber finds this engine's events
+            publish, replay = events
+            topic = (self.process.config.kv_events_config or {}).get("topic", "")
+            labels |= {LABEL_KV_EVENTS: publish, LABEL_KV_EVENTS_TOPIC: topic}
+            if replay is not None:
+                labels[LABEL_KV_EVENTS_REPLAY] = replay
+        name = self.process.name
+        return Endpoint(
+            name=name, url=self.process.url, model=self.model, models=[self.model], ready=True, labels=labels, source="pool"
+        )
 
     async def ensure_running(self) -> Endpoint:
         """Start the engine if it is not running, then (re-)register it. Idempotent.
@@ -69,6 +78,7 @@ class EngineActor:
                 raise RuntimeError(f"engine {self.endpoint.name} is retired (drained or stopped)")
             if not self.process.alive():
                 await self.process.start()
+                self.endpoint = self._describe()
                 await self.registry.register.remote(self.endpoint)
             if self._heartbeat is None or self._heartbeat.done():
                 self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())

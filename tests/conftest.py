@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.launcher import free_port
+from rayfleet.ports import free_port
 
 pytest_plugins = ["tests.simulator_fixtures", "tests.redis_fixtures", "tests.kube_fixtures", "tests.kuberay_fixtures"]
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from engines.launcher import free_port, spawn_child, stop_child
+from engines.launcher import spawn_child, stop_child
+from rayfleet.ports import free_port
 from tests.polling import eventually
 
 REPO = Path(__file__).resolve().parents[1]

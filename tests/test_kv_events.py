@@ -21,8 +21,8 @@ import pytest
 import zmq
 
 from engines.core.tokenizer import NUM_WORD_TOKENS, get_tokenizer
-from engines.launcher import free_port
 from kvcache.hashing import HASH_FUNCTIONS, BlockHasher, external_block_hash
+from rayfleet.ports import free_port
 from rayfleet.protocol.kv_events import (
     END_OF_REPLAY,
     AllBlocksCleared,

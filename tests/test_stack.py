@@ -166,7 +166,7 @@ def test_a_benchmark_stopped_with_sigterm_tears_its_stack_down(tmp_path: Path) -
     (Ray's own SIGTERM handler would exit at once and leave Serve's HAProxy holding it)."""
     import signal
 
-    from rayfleet.stack import port_in_use
+    from rayfleet.ports import port_in_use
     from tests.polling import eventually
 
     port = free_port()
@@ -193,7 +193,8 @@ def test_each_stack_takes_direct_ingress_ports_no_other_cluster_listens_on(gatew
     """Serve binds ingress replicas with SO_REUSEPORT from one default port up, so two clusters
     on a machine would share a port and each other's traffic. This session's cluster runs a
     gateway replica on its block; a second stack's block must avoid it."""
-    from rayfleet.stack import listening_ports, serve_environment
+    from rayfleet.ports import listening_ports
+    from rayfleet.stack import serve_environment
     from tests.conftest import deploy_app, pool_config
 
     deploy_app(pool_config(replicas=1), gateway_port, expected_ready=1)
