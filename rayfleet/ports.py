@@ -5,8 +5,13 @@ Linux). The kernel hands the same range to every outgoing connection, and Ray pi
 own listeners' ports at random above such a port. An engine, a HAProxy ingress or a test
 server binds its port only seconds after the pick, and in a busy Ray cluster that gap was
 enough: CI saw an engine's KV-events port and HAProxy's port taken that way. So rayfleet
-picks at random from ``PICK_RANGE``, which lies below the ephemeral range and above Ray's
-worker ports (10002-19999), skipping ports anything listens on and ports that do not bind.
+picks at random below the ephemeral range and above Ray's worker ports (10002-19999),
+skipping ports anything listens on and ports that do not bind.
+
+Single ports and blocks come from separate ranges. A stack's block of direct-ingress ports
+is bound from its first port upwards, one port per ingress replica, over the stack's life:
+a single port picked inside another stack's block could be the port a later replica of that
+stack needs. Blocks sit in fixed slots, so a slot holding any listener is some live stack's.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import random
 import socket
 from pathlib import Path
 
-PICK_RANGE = range(20000, 30000)
+# Both below the kernel's ephemeral range and above Ray's worker ports (10002-19999).
+PORT_RANGE = range(20000, 25000)  # single ports: engines, HAProxy's side listeners, peers, test servers
+BLOCK_RANGE = range(25000, 30000)  # blocks in fixed slots: each stack's direct-ingress ports
 PICK_ATTEMPTS = 200
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 # Not the module's generator: a benchmark that seeds ``random`` must not make two
@@ -59,16 +66,13 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def unused_port_block(width: int, host: str = "0.0.0.0") -> int:
-    """The first of ``width + 1`` consecutive ports that nothing listens on, that the
-    kernel does not hand out by itself, and whose first port binds on ``host``.
-
-    Falls back to a kernel-assigned port on a machine whose ephemeral range covers
-    ``PICK_RANGE`` or where nothing in it is free."""
+def _pick(bases: range, width: int, host: str) -> int:
+    """A random ``base`` of ``bases`` with ``width`` ports from it that nothing listens on,
+    outside the ephemeral range, ``base`` binding on ``host``. Falls back to a port the
+    kernel assigns on a machine whose ephemeral range covers ours or where all is taken."""
     ephemeral, listening = ephemeral_range(), listening_ports()
-    for _ in range(PICK_ATTEMPTS):
-        base = _chooser.randrange(PICK_RANGE.start, PICK_RANGE.stop - width)
-        block = range(base, base + width + 1)
+    for base in _chooser.sample(bases, min(len(bases), PICK_ATTEMPTS)):
+        block = range(base, base + width)
         if listening.isdisjoint(block) and not (base in ephemeral or block[-1] in ephemeral) and not port_in_use(host, base):
             return base
     with socket.socket() as sock:
@@ -76,6 +80,11 @@ def unused_port_block(width: int, host: str = "0.0.0.0") -> int:
         return sock.getsockname()[1]
 
 
+def unused_port_block(width: int, host: str = "0.0.0.0") -> int:
+    """The first of ``width`` consecutive ports, a free slot of ``BLOCK_RANGE``."""
+    return _pick(range(BLOCK_RANGE.start, BLOCK_RANGE.stop - width + 1, width), width, host)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that nothing listens on and that binds on ``host``, for a listener about to start."""
-    return unused_port_block(0, host)
+    return _pick(PORT_RANGE, 1, host)

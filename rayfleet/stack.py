@@ -58,12 +58,13 @@ def serve_environment() -> dict[str, str]:
     env = dict(SERVE_ENV)
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         env[name] = os.environ.get(name) or str(free_port("0.0.0.0"))
-    for protocol in ("HTTP", "GRPC"):
+    block = unused_port_block(2 * DIRECT_INGRESS_PORTS)
+    for offset, protocol in enumerate(("HTTP", "GRPC")):
         low, high = f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT", f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"
         if os.environ.get(low) or os.environ.get(high):
             continue
-        base = unused_port_block(DIRECT_INGRESS_PORTS)
-        env[low], env[high] = str(base), str(base + DIRECT_INGRESS_PORTS)
+        first = block + offset * DIRECT_INGRESS_PORTS
+        env[low], env[high] = str(first), str(first + DIRECT_INGRESS_PORTS)  # Serve's upper bound is exclusive
     return env
 
 

@@ -11,7 +11,15 @@ import pytest
 
 from engines.config import EngineConfig
 from engines.launcher import EngineProcess
-from rayfleet.ports import PICK_RANGE, ephemeral_range, free_port, listening_ports, port_in_use, unused_port_block
+from rayfleet.ports import (
+    BLOCK_RANGE,
+    PORT_RANGE,
+    ephemeral_range,
+    free_port,
+    listening_ports,
+    port_in_use,
+    unused_port_block,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,17 +39,18 @@ def test_picked_ports_are_outside_the_kernels_own_range_and_free() -> None:
     ephemeral = ephemeral_range()
     for _ in range(50):
         port = free_port()
-        assert port in PICK_RANGE and port not in ephemeral and not port_in_use("127.0.0.1", port)
+        assert port in PORT_RANGE and port not in ephemeral and not port_in_use("127.0.0.1", port)
 
 
-def test_a_port_block_avoids_every_listening_port() -> None:
-    base = unused_port_block(256)
-    assert listening_ports().isdisjoint(range(base, base + 257)) and range(base, base + 257)[-1] in PICK_RANGE
-    with listener(base + 100):
-        assert port_in_use("127.0.0.1", base + 100) and base + 100 in listening_ports()
-        for _ in range(50):
-            other = unused_port_block(256)
-            assert base + 100 not in range(other, other + 257)
+def test_port_blocks_take_whole_free_slots_apart_from_single_ports() -> None:
+    """A stack binds its block from the first port up over its life: a block never shares a
+    port with another block or with single ports, and a slot with any listener is taken."""
+    base = unused_port_block(512)
+    assert (base - BLOCK_RANGE.start) % 512 == 0 and base + 511 in BLOCK_RANGE
+    assert listening_ports().isdisjoint(range(base, base + 512))
+    with listener(base + 300):
+        assert port_in_use("127.0.0.1", base + 300) and base + 300 in listening_ports()
+        assert all(unused_port_block(512) != base for _ in range(50))
 
 
 def test_an_engine_whose_ports_were_taken_while_it_was_down_restarts_on_new_ones() -> None:
