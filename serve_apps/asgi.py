@@ -17,7 +17,7 @@ JSON = b"application/json"
 
 
 class ClientDisconnected(Exception):
-    """The client closed the connection before the body arrived."""
+    """The client closed the connection before the gateway began its answer."""
 
 
 async def read_body(receive: Receive) -> bytes:

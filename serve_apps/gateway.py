@@ -211,7 +211,7 @@ class GatewayApp:
                 request.lora_name = model
             ticket = await self._admit(request, headers, len(body))
             if not candidates:
-                candidates = await self._activate(request, ticket)
+                candidates = await self._activate(request, ticket, receive)
         except GatewayError as error:
             if self.metrics:
                 self.metrics.record_error(model, error.code or str(error.status))
@@ -383,20 +383,31 @@ class GatewayApp:
             raise GatewayError(503, f"no ready endpoint serves model {model!r}; retry shortly", code="no_ready_endpoint")
         raise GatewayError(400, f"The model `{model}` does not exist.", code="model_not_found", param="model")
 
-    async def _activate(self, request: RoutingRequest, ticket: Ticket | None) -> list[EndpointState]:
+    async def _activate(self, request: RoutingRequest, ticket: Ticket | None, receive: Receive) -> list[EndpointState]:
         """Hold an admitted request until its pool, scaled to zero, has an engine ready.
 
         After admission, so that a caller the limiter refuses never wakes the pool. The
         gateway reports held requests (``queued``, and in ``in_flight``) to the autoscaler,
         which starts engines on them; past ``activation_timeout_s`` the caller gets 503 and
-        its token reservation back.
+        its token reservation back. A caller that hangs up meanwhile is let go at once, its
+        reservation returned: it no longer counts as demand for an engine.
         """
         timeout_s = self.config.gateway.activation_timeout_s
-        candidates = await self.view.wait_ready(request.model, timeout_s)
+        waiting = asyncio.ensure_future(self.view.wait_ready(request.model, timeout_s))
+        disconnected = asyncio.ensure_future(receive())  # resolves only with http.disconnect
+        try:
+            await asyncio.wait((waiting, disconnected), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)  # no longer counted as held from here
+        candidates = [] if waiting.cancelled() else waiting.result()
         if candidates:
             return candidates
         if ticket is not None:
             await self._settle(ticket, request, Usage())
+        if disconnected.done() and not disconnected.cancelled():
+            raise ClientDisconnected
         raise GatewayError(
             503, f"no engine for model {request.model!r} became ready within {timeout_s:g}s; retry shortly",
             code="no_ready_endpoint",
