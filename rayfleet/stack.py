@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -159,7 +159,7 @@ def build_config(options: UpOptions) -> dict:
             "users": {
                 "enabled": True,
                 "store": options.redis or "embedded",
-                "admin_token": options.admin_token or secrets.token_urlsafe(24),
+                "admin_token": options.admin_token,
                 "require_api_keys": options.require_api_keys,
                 "anonymous": options.anonymous,
             },
@@ -177,11 +177,14 @@ def build_config(options: UpOptions) -> dict:
             ],
         }
     try:
-        return AppConfig.model_validate(raw).model_dump(mode="json")
+        config = AppConfig.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
         raise UsageError(f"invalid configuration at {where}: {first['msg']}") from None
+    # The Serve config is on show in the Ray dashboard: it gets the admin token's digest only.
+    users = config.users.model_copy(update={"admin_token": None, "admin_token_sha256": config.users.admin_digest()})
+    return config.model_copy(update={"users": users}).model_dump(mode="json")
 
 
 @contextlib.contextmanager
@@ -241,6 +244,8 @@ def up(options: UpOptions) -> int:
         raise UsageError(f"port {options.port} is in use: pass --port N or stop whatever holds it")
     if options.engine == "vllm" and not _vllm_installed():
         raise UsageError("--engine vllm needs vLLM on this machine: pip install 'rayfleet[vllm]' (GPU nodes only)")
+    if not options.config_file and not options.admin_token:
+        options = replace(options, admin_token=secrets.token_urlsafe(24))
     config = build_config(options)
     _check_redis(config["users"])
     stop = threading.Event()
@@ -254,7 +259,7 @@ def up(options: UpOptions) -> int:
         state_path().write_text(state.model_dump_json())
         endpoints = wait_for_engines(config, options.ready_timeout_s, stop)
         if not stop.is_set():
-            _print_summary(state, endpoints, config["users"])
+            _print_summary(state, endpoints, config["users"], options.admin_token)
         while not stop.wait(0.5):
             pass
         print("rayfleet: shutting down ...", file=sys.stderr, flush=True)
@@ -347,11 +352,12 @@ def _check_redis(users: dict) -> None:
                          "to use the embedded store") from None  # fmt: skip
 
 
-def _print_summary(state: StackState, endpoints: list, users: dict) -> None:
+def _print_summary(state: StackState, endpoints: list, users: dict, admin_token: str | None) -> None:
     lines = [f"rayfleet is up (pid {state.pid})", f"  gateway    {state.gateway_url}  (OpenAI API: {state.gateway_url}/v1)"]
     if users["enabled"]:
         where = "embedded store" if users["store"] == "embedded" else users["store"]
-        lines.append(f"  users      {state.gateway_url}/v1/users ({where}); admin token: {users['admin_token']}")
+        token = admin_token or ("the one in your config" if users["admin_token_sha256"] else "none (user API closed)")
+        lines.append(f"  users      {state.gateway_url}/v1/users ({where}); admin token: {token}")
     if state.dashboard_url:
         lines.append(f"  dashboard  {state.dashboard_url}")
     lines.append(f"  ray        {state.ray_address}")

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from autoscaling.spec import MetricSource, PodAutoscaler
 from engines.config import EngineConfig, EngineKind
 from fleet.api import LABEL_MODEL
+from rayfleet.protocol.users import key_digest
 from serve_apps.routing import STRATEGY_CLASSES, known_strategy, options_model
 
 StrategyName = Annotated[str, AfterValidator(known_strategy)]
@@ -167,6 +168,11 @@ class UsersConfig(BaseModel):
     admin_token: str | None = Field(
         None, min_length=8, repr=False, description="bearer token of the user API; unset: the API is closed"
     )
+    admin_token_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="instead of admin_token, its SHA-256 (hex): a config anyone may read (the Ray dashboard "
+        "shows Serve configs) then holds nothing that opens the user API",
+    )  # fmt: skip
     require_api_keys: bool = Field(False, description="trust only API keys, not a bare 'user' header")
     anonymous: Literal["allow", "reject"] = Field(
         "allow", description="requests with no identity: served without limits, or refused with 401"
@@ -184,7 +190,13 @@ class UsersConfig(BaseModel):
     def _known_store(self) -> UsersConfig:
         if self.store != "embedded" and not self.store.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"users.store must be 'embedded' or a redis:// URL, not {self.store!r}")
+        if self.admin_token is not None and self.admin_token_sha256 is not None:
+            raise ValueError("set users.admin_token or users.admin_token_sha256, not both")
         return self
+
+    def admin_digest(self) -> str | None:
+        """The admin token's ``key_digest``, whichever way it was given; None: the user API is closed."""
+        return key_digest(self.admin_token) if self.admin_token is not None else self.admin_token_sha256
 
 
 class KubernetesDiscoveryConfig(BaseModel):

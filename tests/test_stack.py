@@ -117,6 +117,21 @@ def test_up_status_stream_down_leaves_nothing_behind(tmp_path: Path) -> None:
                 up.kill()
 
 
+def test_the_deployed_config_holds_the_admin_tokens_digest_only(tmp_path: Path) -> None:
+    """The Ray dashboard shows Serve configs to anyone who can open it: the admin token must
+    not be in them, whether it came from the flag or from a config file."""
+    from rayfleet.protocol.users import key_digest
+    from rayfleet.stack import UpOptions, build_config
+
+    users = build_config(UpOptions(admin_token="flag-admin-token"))["users"]
+    assert users["admin_token"] is None and users["admin_token_sha256"] == key_digest("flag-admin-token")
+    config_file = tmp_path / "app.json"
+    config_file.write_text(json.dumps({"users": {"enabled": True, "admin_token": "file-admin-token"}, "models": []}))
+    users = build_config(UpOptions(config_file=str(config_file)))["users"]
+    assert users["admin_token"] is None and users["admin_token_sha256"] == key_digest("file-admin-token")
+    assert "file-admin-token" not in json.dumps(build_config(UpOptions(config_file=str(config_file))))
+
+
 def test_cli_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
     env = user_env(tmp_path)
     result = cli("status", env=env)

@@ -18,6 +18,7 @@ import aiohttp
 import openai
 import pytest
 
+from rayfleet.protocol.users import key_digest
 from tests.conftest import MODEL, deploy_app, pool_config
 from tests.redis_fixtures import RedisServer
 
@@ -28,7 +29,8 @@ ADMIN = "test-admin-token-0123"
 
 def users_config(redis_url: str, **users: object) -> dict:
     config = pool_config(replicas=2, gpu="instant", num_replicas=2)
-    config["users"] = {"enabled": True, "store": redis_url, "admin_token": ADMIN, **users}
+    # Only the token's digest, as `rayfleet up` deploys it: the Serve config is on show in the dashboard.
+    config["users"] = {"enabled": True, "store": redis_url, "admin_token_sha256": key_digest(ADMIN), **users}
     return config
 
 

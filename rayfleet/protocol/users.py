@@ -9,6 +9,7 @@ admitted request, so an RPM in the millions would be a memory commitment, not a 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -91,3 +92,9 @@ class IssuedApiKey(ApiKeyInfo):
     """``POST /v1/users/{name}/keys``: the only time the key's secret is shown."""
 
     key: str
+
+
+def key_digest(secret: str) -> str:
+    """The SHA-256 (hex) by which rayfleet keeps API keys and may be given the admin token:
+    a leaked store or a readable config then holds nothing usable."""
+    return hashlib.sha256(secret.encode()).hexdigest()

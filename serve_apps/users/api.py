@@ -29,6 +29,7 @@ from rayfleet.protocol.users import (
     UserNameOnly,
     UserUpdate,
     UserWithUsage,
+    key_digest,
 )
 from serve_apps.users.store import StoreError, UserStore, new_api_key
 
@@ -69,9 +70,10 @@ def _openai_error(status: int, message: str, code: str) -> ApiResponse:
 class UserApi:
     """Stateless over a ``UserStore``: every answer comes from the store."""
 
-    def __init__(self, store: UserStore, admin_token: str | None) -> None:
+    def __init__(self, store: UserStore, admin_digest: str | None) -> None:
+        """``admin_digest``: the admin token's ``key_digest``; None closes the API."""
         self.store = store
-        self.admin_token = admin_token
+        self.admin_digest = admin_digest
 
     async def handle(self, method: str, path: str, authorization: str, body: bytes) -> ApiResponse:
         aibrix = path in AIBRIX_PATHS
@@ -89,11 +91,11 @@ class UserApi:
             return _json(503, {"detail": message}) if aibrix else _openai_error(503, message, "store_unavailable")
 
     def _authorize(self, authorization: str, aibrix: bool) -> None:
-        if self.admin_token is None:
+        if self.admin_digest is None:
             message = "the user API is disabled: start rayfleet with --admin-token T (or set users.admin_token)"
             raise _Refused(_json(403, {"detail": message}) if aibrix else _openai_error(403, message, "admin_disabled"))
         token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+        if not hmac.compare_digest(key_digest(token), self.admin_digest):
             message = "admin token required: send 'Authorization: Bearer <admin token>'"
             raise _Refused(_json(401, {"detail": message}) if aibrix else _openai_error(401, message, "invalid_admin_token"))
 

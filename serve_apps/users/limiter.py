@@ -75,7 +75,7 @@ class Limiter:
     def __init__(self, settings: UsersConfig, store: UserStore) -> None:
         self.settings = settings
         self.store = store
-        self._admin_token = settings.admin_token
+        self._admin_digest = settings.admin_digest()
         self._store_down_until = 0.0
         # Admission ids only need to be unique among one user's requests in a window:
         # a random per-process prefix and a counter, cheaper than a uuid4 per request.
@@ -92,10 +92,11 @@ class Limiter:
         """
         authorization = headers.get("authorization", "")
         token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-        if token and token == self._admin_token:
+        digest = key_digest(token) if token else None
+        if digest is not None and digest == self._admin_digest:
             return None
         if token.startswith(API_KEY_PREFIX):
-            return Identity("key", key_digest(token))
+            return Identity("key", digest)
         if self.settings.require_api_keys:
             reason = "the API key is not valid" if token else "an API key is required"
             raise GatewayError(401, f"{reason}: send 'Authorization: Bearer rf-...' with a key issued by "

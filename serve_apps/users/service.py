@@ -22,7 +22,7 @@ class UserService:
     def __init__(self, settings: dict) -> None:
         self.settings = UsersConfig.model_validate(settings)
         self.store = open_store(self.settings)
-        self.api = UserApi(self.store, self.settings.admin_token)
+        self.api = UserApi(self.store, self.settings.admin_digest())
 
     async def handle(self, method: str, path: str, authorization: str, body: bytes) -> ApiResponse:
         return await self.api.handle(method, path, authorization, body)

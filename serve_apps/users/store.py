@@ -19,12 +19,11 @@ Limits of 0 mean AIBrix's defaults: rpm 100, tpm = rpm x 1000.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from rayfleet.protocol.users import ApiKeyInfo, IssuedApiKey, User, WindowUsage
+from rayfleet.protocol.users import ApiKeyInfo, IssuedApiKey, User, WindowUsage, key_digest
 
 WINDOW_S = 60.0
 DEFAULT_RPM = 100
@@ -76,11 +75,6 @@ class Identity:
 def effective_limits(rpm: int, tpm: int) -> tuple[int, int]:
     rpm = rpm or DEFAULT_RPM
     return rpm, tpm or rpm * DEFAULT_TPM_PER_RPM
-
-
-def key_digest(key: str) -> str:
-    """Keys are stored as their SHA-256: a leaked store leaks no usable key."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def new_api_key(user: str, now: float) -> tuple[IssuedApiKey, str]:
