@@ -63,10 +63,10 @@ class EngineActor:
             labels |= {LABEL_KV_EVENTS: publish, LABEL_KV_EVENTS_TOPIC: topic}
             if replay is not None:
                 labels[LABEL_KV_EVENTS_REPLAY] = replay
-        name = self.process.name
         return Endpoint(
-            name=name, url=self.process.url, model=self.model, models=[self.model], ready=True, labels=labels, source="pool"
-        )
+            name=self.process.name, url=self.process.url, model=self.model, models=[self.model], ready=True,
+            labels=labels, source="pool",
+        )  # fmt: skip
 
     async def ensure_running(self) -> Endpoint:
         """Start the engine if it is not running, then (re-)register it. Idempotent.
