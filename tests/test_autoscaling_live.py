@@ -101,7 +101,7 @@ def test_kpa_scales_up_in_a_burst_and_down_after_the_delay_without_losing_a_requ
     assert burst_counts and all(n == 128 for n in burst_counts)  # every burst request answered in full
     assert long_counts == [2500, 2500]  # the streams running through the scale-down finished whole
     peak = next((at for at, s in timeline if s["current"] == 3), None)
-    assert peak is not None and peak - started < 8, timeline[-1]  # within a few panic windows of the burst
+    assert peak is not None and peak - started < 10, timeline[-1]  # while the 10 s burst was still on
     final = status()
     assert (final["current"], final["ready"]) == (1, 1), final
     downs = [at for (at, s), (_, before) in zip(timeline[1:], timeline) if s["current"] < before["current"]]
