@@ -34,6 +34,7 @@ from bench.workloads import (
     offered_rate,
 )
 from engines.core.tokenizer import get_tokenizer
+from rayfleet.ports import free_port
 from tests.conftest import SHARED_TRACES as TRACES
 from tests.simulator_fixtures import DEFAULT_MODEL, SimulatorProcess
 
@@ -285,10 +286,7 @@ def test_failures_become_errors_not_exceptions() -> None:
     with fixed_response_server(truncated) as url:
         cut = _open_loop(url, 2)
     assert all(r.error == "stream ended before data: [DONE]" for r in cut)
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        refused_url = f"http://127.0.0.1:{unused.getsockname()[1]}"
-    refused = _open_loop(refused_url, 3)
+    refused = _open_loop(f"http://127.0.0.1:{free_port()}", 3)
     assert all(r.status == 0 and r.error and "Connect" in r.error for r in refused)
     with socket.socket() as silent:  # accepts connections (backlog) but never answers
         silent.bind(("127.0.0.1", 0))
