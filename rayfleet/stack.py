@@ -182,7 +182,8 @@ def build_config(options: UpOptions) -> dict:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
         raise UsageError(f"invalid configuration at {where}: {first['msg']}") from None
-    # The Serve config is on show in the Ray dashboard: it gets the admin token's digest only.
+    # Serve stores the application's arguments in the cluster (and the dashboard shows config
+    # files): they get the admin token's digest only.
     users = config.users.model_copy(update={"admin_token": None, "admin_token_sha256": config.users.admin_digest()})
     return config.model_copy(update={"users": users}).model_dump(mode="json")
 
