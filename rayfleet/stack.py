@@ -361,6 +361,9 @@ def _print_summary(state: StackState, endpoints: list, users: dict, admin_token:
         lines.append(f"  users      {state.gateway_url}/v1/users ({where}); admin token: {token}")
     if state.dashboard_url:
         lines.append(f"  dashboard  {state.dashboard_url}")
+        if os.environ.get("RAY_AUTH_MODE") == "token":  # set by ray.init when it turned token auth on
+            lines.append("             (Ray token auth: `ray get-auth-token` prints the token the dashboard asks for; "
+                         "prefix `ray job` and `serve` commands with RAY_AUTH_MODE=token)")  # fmt: skip
     lines.append(f"  ray        {state.ray_address}")
     for e in sorted(endpoints, key=lambda e: e.name):
         lines.append(f"  engine     {e.name:<28} {e.url:<24} model={e.model} ready={str(e.ready).lower()}")
