@@ -37,6 +37,8 @@ def test_picked_ports_are_outside_the_kernels_own_range_and_free() -> None:
     """The kernel hands ephemeral ports to outgoing connections and Ray picks its listeners'
     ports above one; a port picked there could be taken before its owner binds it."""
     ephemeral = ephemeral_range()
+    if range(max(ephemeral.start, PORT_RANGE.start), min(ephemeral.stop, PORT_RANGE.stop)):
+        pytest.skip(f"this kernel hands out ports {ephemeral.start}-{ephemeral.stop - 1} itself: no range is safe")
     for _ in range(50):
         port = free_port()
         assert port in PORT_RANGE and port not in ephemeral and not port_in_use("127.0.0.1", port)
