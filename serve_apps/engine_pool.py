@@ -46,7 +46,7 @@ class EngineActor:
         self.process = EngineProcess(name, config, kind)
         self.model = model
         self.labels = labels
-        self.endpoint = self._describe()
+        self.endpoint: Endpoint | None = None  # described at each start, when its ports are known
         self.registry = get_registry()
         self._heartbeat: asyncio.Task | None = None
         self._start_lock = asyncio.Lock()
@@ -75,31 +75,31 @@ class EngineActor:
         its heartbeat, which would register the draining engine again under its name."""
         async with self._start_lock:
             if self._retired:
-                raise RuntimeError(f"engine {self.endpoint.name} is retired (drained or stopped)")
+                raise RuntimeError(f"engine {self.process.name} is retired (drained or stopped)")
             if not self.process.alive():
                 await self.process.start()
                 self.endpoint = self._describe()
                 await self.registry.register.remote(self.endpoint)
             if self._heartbeat is None or self._heartbeat.done():
-                self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+                self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop(self.endpoint))
         return self.endpoint
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, endpoint: Endpoint) -> None:
         while self.process.alive():
             try:
-                await self.registry.ensure.remote(self.endpoint)
+                await self.registry.ensure.remote(endpoint)
             except ray.exceptions.RayActorError:
                 self.registry = get_registry()
             await asyncio.sleep(HEARTBEAT_S)
-        logger.warning("engine %s exited (%s); marking it not ready", self.endpoint.name, self.process.process)
-        await self.registry.set_ready.remote(self.endpoint.name, False)
+        logger.warning("engine %s exited (%s); marking it not ready", endpoint.name, self.process.process)
+        await self.registry.set_ready.remote(endpoint.name, False)
 
     async def _retire(self) -> None:
         """Leave the registry for good: no heartbeat, no restart, no registration again."""
         self._retired = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        await self.registry.deregister.remote(self.endpoint.name)
+        await self.registry.deregister.remote(self.process.name)
 
     async def stop(self) -> None:
         await self._retire()

@@ -95,12 +95,12 @@ class EndpointRegistry:
         self._endpoints[name] = endpoint.model_copy(update={"ready": ready})
         return self._bump()
 
-    async def report_load(self, replica: str, in_flight: dict[str, int], queued: dict[str, int] | None = None) -> None:
+    async def report_load(self, replica: str, in_flight: dict[str, int], queued: dict[str, int]) -> None:
         """A gateway replica's requests per model, sent every second (autoscaling's ``gateway``
         metric): ``in_flight`` sent to engines (queued in engines included), ``queued`` held
         in the gateway until a pool scaled to zero has an engine."""
         now = time.monotonic()
-        self._loads[replica] = (now, in_flight, queued or {})
+        self._loads[replica] = (now, in_flight, queued)
         # Replicas that stopped reporting (replaced, scaled down) are forgotten after a while.
         for gone in [r for r, (at, *_) in self._loads.items() if now - at > 10 * LOAD_MAX_AGE_S]:
             del self._loads[gone]
